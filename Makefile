@@ -1,0 +1,48 @@
+# Everything a developer or CI runs. `make test` and `make demo` set
+# themselves up from nothing: a .venv with the project and all its extras.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PY_PACKAGES := fedcore aggregator clients privacy api
+
+.PHONY: all setup check lint types layers docker-lint test demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(PY_PACKAGES) tests bench
+	$(BIN)/ruff format --check $(PY_PACKAGES) tests bench
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
+docker-lint: $(STAMP)
+	$(BIN)/hadolint docker/aggregator.Dockerfile docker/client.Dockerfile
+
+check: lint types layers docker-lint
+
+test: check
+	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m api.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/aggregate.py
+	$(BIN)/python bench/round_latency.py
+	$(BIN)/python bench/simulate.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache demo-output

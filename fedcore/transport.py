@@ -1,0 +1,33 @@
+"""The `Transport` protocol: how a client talks to an aggregator.
+
+The SDK's HTTP transport (in `clients`) and the aggregator's in-process
+transport (for simulation) both satisfy it, so the same client loop runs
+over the network and inside one process.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fedcore.messages import Receipt, Task, UpdateMeta
+from fedcore.parameters import ParameterSet
+
+__all__ = ["Transport"]
+
+
+class Transport(Protocol):
+    """A client's connection to one aggregator, bound to one client identity."""
+
+    def fetch_task(self, federation_id: str) -> Task:
+        """Check in and return what to do next (train, wait or stop)."""
+        ...
+
+    def fetch_model(self, federation_id: str, version: str) -> ParameterSet:
+        """Return the parameters of model `version`."""
+        ...
+
+    def submit_update(
+        self, federation_id: str, round_number: int, delta: ParameterSet, meta: UpdateMeta
+    ) -> Receipt:
+        """Upload the delta for `round_number` and return the durable receipt."""
+        ...
