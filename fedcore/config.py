@@ -5,7 +5,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from fedcore.errors import ConfigError
 from fedcore.messages import TrainConfig
@@ -43,14 +50,19 @@ class FederationConfig(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     max_update_bytes: int = Field(default=1 << 30, ge=1)
 
-    @model_validator(mode="after")
-    def _check_counts(self) -> FederationConfig:
-        if self.min_clients > self.clients_per_round:
+    # A field validator, not a model validator: pydantic runs model validators
+    # only when every field is valid, and parse_config must list every problem.
+    # It sees clients_per_round because that field is declared first.
+    @field_validator("min_clients")
+    @classmethod
+    def _check_counts(cls, min_clients: int, info: ValidationInfo) -> int:
+        clients_per_round = info.data.get("clients_per_round")
+        if clients_per_round is not None and min_clients > clients_per_round:
             raise ValueError(
-                f"min_clients ({self.min_clients}) exceeds clients_per_round "
-                f"({self.clients_per_round}); lower min_clients"
+                f"min_clients ({min_clients}) exceeds clients_per_round "
+                f"({clients_per_round}); lower min_clients"
             )
-        return self
+        return min_clients
 
 
 def parse_config(data: Any) -> FederationConfig:

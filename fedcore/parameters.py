@@ -107,6 +107,9 @@ class ParameterSet(Mapping[str, Array]):
         """Return `self - other` tensor by tensor, in each tensor's own dtype.
 
         This is how a client turns its trained model into an update (a delta).
+        Integer differences wrap around like the dtype does (modulo 2**bits for
+        unsigned tensors); boolean tensors are integers modulo 2, so their
+        difference is the exclusive or (True where the value flipped).
 
         Raises:
             ValueError: the two sets have different names or shapes.
@@ -118,5 +121,10 @@ class ParameterSet(Mapping[str, Array]):
             b = other[name]
             if a.shape != b.shape:
                 raise ValueError(f"tensor {name!r}: shape {a.shape} differs from {b.shape}")
-            out[name] = np.subtract(a, b, dtype=a.dtype)
+            # asarray: on 0-d tensors (step counters) ufuncs return numpy scalars.
+            if a.dtype == np.bool_:
+                # numpy refuses `-` on booleans; XOR is subtraction modulo 2.
+                out[name] = np.asarray(np.not_equal(a, b))
+            else:
+                out[name] = np.asarray(np.subtract(a, b, dtype=a.dtype))
         return ParameterSet(out)

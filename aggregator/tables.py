@@ -1,0 +1,368 @@
+"""SQLAlchemy tables of the aggregator's records, and their translation to records.
+
+These rows never leave `aggregator.sqlstore`: the service core sees only the
+frozen values of `aggregator.records`. Each row class says which column values
+store a record (`columns`) and turns itself back into one (`to_record`). The
+schema itself is created by the Alembic migrations in `aggregator/migrations`,
+which a test compares to these models.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from aggregator.records import (
+    AdminTokenRecord,
+    ClientRecord,
+    EnrollmentTokenRecord,
+    FederationRecord,
+    FederationStatus,
+    ModelRecord,
+    RoundRecord,
+    RoundStatus,
+    UpdateRecord,
+)
+
+__all__ = [
+    "AdminTokenRow",
+    "Base",
+    "ClientRow",
+    "EnrollmentTokenRow",
+    "FederationRow",
+    "ModelRow",
+    "RoundRow",
+    "UpdateRow",
+    "finite_metrics",
+]
+
+# Deterministic constraint names, so that later migrations can address them
+# (Alembic cannot drop or alter an unnamed constraint portably).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Generous bounds: ids and token hashes are chosen by the service (uuids, hex
+# digests, password-hash strings); PostgreSQL enforces them, SQLite does not.
+ID = String(128)
+HASH = String(128)
+NAME = String(200)
+STATUS = String(16)
+
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Return a copy of `metrics` for a JSON column, refusing NaN and infinities.
+
+    JSON has no NaN: PostgreSQL rejects it and SQLite would store a
+    non-standard token, so refuse it before the database sees it.
+
+    Raises:
+        ValueError: A value is not a finite number.
+    """
+    bad = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+    if bad:
+        raise ValueError(f"metrics must be finite numbers; not finite: {bad}")
+    return dict(metrics)
+
+
+class Base(DeclarativeBase):
+    """Declarative base holding the aggregator's metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class FederationRow(Base):
+    """A row of `federations`."""
+
+    __tablename__ = "federations"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(NAME)
+    config_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(STATUS)
+    model_version: Mapped[str] = mapped_column(HASH)
+    current_round: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (CheckConstraint("current_round >= 0", name="current_round_nonnegative"),)
+
+    @staticmethod
+    def columns(record: FederationRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "id": record.id,
+            "created_at": record.created_at,
+            "name": record.name,
+            "config_json": record.config_json,
+            "status": FederationStatus(record.status).value,
+            "model_version": record.model_version,
+            "current_round": record.current_round,
+        }
+
+    def to_record(self) -> FederationRecord:
+        """Return the row as a record."""
+        return FederationRecord(
+            id=self.id,
+            name=self.name,
+            config_json=self.config_json,
+            status=FederationStatus(self.status),
+            model_version=self.model_version,
+            current_round=self.current_round,
+            created_at=self.created_at,
+        )
+
+
+class ClientRow(Base):
+    """A row of `clients`; the credential's hash is unique across federations."""
+
+    __tablename__ = "clients"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    federation_id: Mapped[str] = mapped_column(ID, ForeignKey("federations.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(HASH, unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    revoked: Mapped[bool] = mapped_column(Boolean)
+
+    @staticmethod
+    def columns(record: ClientRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "id": record.id,
+            "federation_id": record.federation_id,
+            "created_at": record.created_at,
+            "token_hash": record.token_hash,
+            "last_seen": record.last_seen,
+            "revoked": record.revoked,
+        }
+
+    def to_record(self) -> ClientRecord:
+        """Return the row as a record."""
+        return ClientRecord(
+            id=self.id,
+            federation_id=self.federation_id,
+            token_hash=self.token_hash,
+            created_at=self.created_at,
+            last_seen=self.last_seen,
+            revoked=self.revoked,
+        )
+
+
+class EnrollmentTokenRow(Base):
+    """A row of `enrollment_tokens`; `client_id` is set once the token was used."""
+
+    __tablename__ = "enrollment_tokens"
+
+    token_hash: Mapped[str] = mapped_column(HASH, primary_key=True)
+    federation_id: Mapped[str] = mapped_column(ID, ForeignKey("federations.id"), index=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    client_id: Mapped[str | None] = mapped_column(ID, ForeignKey("clients.id"))
+    revoked: Mapped[bool] = mapped_column(Boolean)
+
+    @staticmethod
+    def columns(record: EnrollmentTokenRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "token_hash": record.token_hash,
+            "federation_id": record.federation_id,
+            "created_at": record.created_at,
+            "expires_at": record.expires_at,
+            "client_id": record.client_id,
+            "revoked": record.revoked,
+        }
+
+    def to_record(self) -> EnrollmentTokenRecord:
+        """Return the row as a record."""
+        return EnrollmentTokenRecord(
+            token_hash=self.token_hash,
+            federation_id=self.federation_id,
+            expires_at=self.expires_at,
+            created_at=self.created_at,
+            client_id=self.client_id,
+            revoked=self.revoked,
+        )
+
+
+class AdminTokenRow(Base):
+    """A row of `admin_tokens`."""
+
+    __tablename__ = "admin_tokens"
+
+    token_hash: Mapped[str] = mapped_column(HASH, primary_key=True)
+    name: Mapped[str] = mapped_column(NAME)
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked: Mapped[bool] = mapped_column(Boolean)
+
+    @staticmethod
+    def columns(record: AdminTokenRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "token_hash": record.token_hash,
+            "created_at": record.created_at,
+            "name": record.name,
+            "revoked": record.revoked,
+        }
+
+    def to_record(self) -> AdminTokenRecord:
+        """Return the row as a record."""
+        return AdminTokenRecord(
+            token_hash=self.token_hash,
+            name=self.name,
+            created_at=self.created_at,
+            revoked=self.revoked,
+        )
+
+
+class RoundRow(Base):
+    """A row of `rounds`, keyed by (federation_id, number)."""
+
+    __tablename__ = "rounds"
+
+    federation_id: Mapped[str] = mapped_column(ID, ForeignKey("federations.id"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(STATUS)
+    model_version: Mapped[str] = mapped_column(HASH)
+    opened_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    cohort: Mapped[list[str]] = mapped_column(JSON)
+    closed_at: Mapped[float | None] = mapped_column(Float)
+    result_version: Mapped[str | None] = mapped_column(HASH)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (CheckConstraint("number >= 0", name="number_nonnegative"),)
+
+    @staticmethod
+    def columns(record: RoundRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "federation_id": record.federation_id,
+            "number": record.number,
+            "status": RoundStatus(record.status).value,
+            "model_version": record.model_version,
+            "opened_at": record.opened_at,
+            "deadline": record.deadline,
+            "cohort": list(record.cohort),
+            "closed_at": record.closed_at,
+            "result_version": record.result_version,
+            "metrics": finite_metrics(record.metrics),
+            "reason": record.reason,
+        }
+
+    def to_record(self) -> RoundRecord:
+        """Return the row as a record."""
+        return RoundRecord(
+            federation_id=self.federation_id,
+            number=self.number,
+            status=RoundStatus(self.status),
+            model_version=self.model_version,
+            opened_at=self.opened_at,
+            deadline=self.deadline,
+            cohort=tuple(self.cohort),
+            closed_at=self.closed_at,
+            result_version=self.result_version,
+            metrics=dict(self.metrics),
+            reason=self.reason,
+        )
+
+
+class UpdateRow(Base):
+    """A row of `updates`, keyed by (federation_id, round, client_id): one per client and round."""
+
+    __tablename__ = "updates"
+
+    federation_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(ID, ForeignKey("clients.id"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(HASH)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["federation_id", "round"],
+            ["rounds.federation_id", "rounds.number"],
+        ),
+        CheckConstraint("num_examples >= 0", name="num_examples_nonnegative"),
+    )
+
+    @staticmethod
+    def columns(record: UpdateRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "federation_id": record.federation_id,
+            "round": record.round,
+            "client_id": record.client_id,
+            "sha256": record.sha256,
+            "num_examples": record.num_examples,
+            "received_at": record.received_at,
+            "metrics": finite_metrics(record.metrics),
+        }
+
+    def to_record(self) -> UpdateRecord:
+        """Return the row as a record."""
+        return UpdateRecord(
+            federation_id=self.federation_id,
+            round=self.round,
+            client_id=self.client_id,
+            sha256=self.sha256,
+            num_examples=self.num_examples,
+            received_at=self.received_at,
+            metrics=dict(self.metrics),
+        )
+
+
+class ModelRow(Base):
+    """A row of `model_versions`, keyed by (federation_id, version)."""
+
+    __tablename__ = "model_versions"
+
+    federation_id: Mapped[str] = mapped_column(ID, ForeignKey("federations.id"), primary_key=True)
+    version: Mapped[str] = mapped_column(HASH, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (CheckConstraint("size_bytes >= 0", name="size_bytes_nonnegative"),)
+
+    @staticmethod
+    def columns(record: ModelRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "federation_id": record.federation_id,
+            "version": record.version,
+            "round": record.round,
+            "size_bytes": record.size_bytes,
+            "created_at": record.created_at,
+        }
+
+    def to_record(self) -> ModelRecord:
+        """Return the row as a record."""
+        return ModelRecord(
+            federation_id=self.federation_id,
+            version=self.version,
+            round=self.round,
+            size_bytes=self.size_bytes,
+            created_at=self.created_at,
+        )

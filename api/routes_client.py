@@ -1,0 +1,156 @@
+"""Client routes (`/v1`): enrollment, check-in, model download, update upload."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from aggregator import Aggregator, StagedBlob
+from api.deps import AggregatorDep, MemberDep, RuntimeDep
+from api.download import model_response
+from api.problems import problem_type
+from api.runtime import Runtime
+from api.schemas import EnrollIn
+from fedcore import Enrollment, FedcoreError, PayloadTooLarge, Receipt, Task, TaskAction, wire
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["client"])
+
+# How often a held check-in looks for a transition applied by this process;
+# short enough to add little latency to a round, cheap since it only reads
+# an integer.
+_POLL_S = 0.02
+# How often a held check-in asks the service again even without a local
+# transition: another worker may have moved the round, or a deadline passed.
+_RECHECK_S = 1.0
+# Upload bytes are written to the staged blob in batches of this size, off
+# the event loop.
+_BATCH = 1 << 20
+
+
+@router.post("/enroll", status_code=201)
+def enroll(body: EnrollIn, aggregator: AggregatorDep) -> Enrollment:
+    """Exchange a one-time enrollment token for a client credential."""
+    return aggregator.access.enroll(body.enrollment_token)
+
+
+@router.get("/federations/{fid}/task")
+async def check_in(
+    fid: str,
+    request: Request,
+    client: MemberDep,
+    runtime: RuntimeDep,
+    wait: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 0.0,
+) -> Task:
+    """Check in and get the next task, holding the request while the answer is `wait`.
+
+    `wait` is capped at the server's `long_poll_max_s`.
+    """
+    aggregator = runtime.aggregator
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(wait, runtime.settings.long_poll_max_s)
+    while True:
+        seen = aggregator.generation
+        task = await run_in_threadpool(aggregator.next_task, client.id, fid)
+        remaining = deadline - loop.time()
+        if task.action is not TaskAction.WAIT or remaining <= 0:
+            return task
+        await _transition_or_timeout(aggregator, seen, min(remaining, _RECHECK_S))
+        if await request.is_disconnected():
+            return task
+
+
+@router.get(
+    "/federations/{fid}/models/{version}",
+    response_class=Response,
+    responses={200: {"content": {wire.MEDIA_TYPE: {}}}, 304: {"description": "Not modified"}},
+)
+def download_model(
+    fid: str,
+    version: str,
+    _client: MemberDep,
+    aggregator: AggregatorDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Download a model version as safetensors (ETag: the version)."""
+    return model_response(aggregator, fid, version, if_none_match)
+
+
+@router.put(
+    "/federations/{fid}/rounds/{n}/update",
+    status_code=201,
+    response_model=Receipt,
+    responses={200: {"model": Receipt, "description": "The identical update was stored before"}},
+    openapi_extra={"requestBody": {"content": {wire.MEDIA_TYPE: {}}, "required": True}},
+)
+async def upload_update(
+    fid: str, n: int, request: Request, client: MemberDep, runtime: RuntimeDep
+) -> Response:
+    """Upload the client's update (a safetensors delta) for round `n`.
+
+    The body streams to a staged file in the blob store, never whole into
+    memory. Answers 201 with a new receipt, or 200 with the original receipt
+    when this client's update for the round was already stored (an identical
+    re-upload; a different one is refused with 409).
+    """
+    aggregator = runtime.aggregator
+    limit = await run_in_threadpool(_upload_limit, runtime, fid)
+    _check_declared_length(request, limit)
+    staged = aggregator.blobs.stage(limit)
+    try:
+        await _receive(request, staged)
+        receipt, repeat = await run_in_threadpool(_submit, aggregator, client.id, fid, n, staged)
+    except FedcoreError as exc:
+        runtime.metrics.updates_rejected.labels(problem_type(exc).slug).inc()
+        raise
+    finally:
+        staged.discard()
+    counter = runtime.metrics.updates_repeated if repeat else runtime.metrics.updates_accepted
+    counter.inc()
+    return JSONResponse(receipt.model_dump(mode="json"), status_code=200 if repeat else 201)
+
+
+async def _transition_or_timeout(aggregator: Aggregator, seen: int, timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    until = loop.time() + timeout_s
+    while aggregator.generation == seen and loop.time() < until:
+        await asyncio.sleep(_POLL_S)
+
+
+def _upload_limit(runtime: Runtime, fid: str) -> int:
+    return min(runtime.aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("Content-Length", "")
+    # Refuse before reading a byte; a body without a length is cut off by the
+    # staged blob instead.
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"update of {declared} bytes exceeds the limit of {limit} bytes")
+
+
+async def _receive(request: Request, staged: StagedBlob) -> None:
+    pending = bytearray()
+    async for chunk in request.stream():
+        pending += chunk
+        if len(pending) >= _BATCH:
+            await run_in_threadpool(staged.write, bytes(pending))
+            pending.clear()
+    if pending:
+        await run_in_threadpool(staged.write, bytes(pending))
+
+
+def _submit(
+    aggregator: Aggregator, client_id: str, fid: str, n: int, staged: StagedBlob
+) -> tuple[Receipt, bool]:
+    # A receipt that existed before this request makes it a repeat (200). Two
+    # identical uploads racing each other may both be told 201: harmless, the
+    # service stores one and both receipts are equal.
+    with aggregator.store.transaction() as tx:
+        repeat = tx.get_update(fid, n, client_id) is not None
+    return aggregator.submit_update(client_id, fid, n, staged), repeat

@@ -1,0 +1,168 @@
+"""HTTP request and response bodies, one family per resource.
+
+The records of `aggregator` never leave the process as they are: each
+resource has an `...Out` model that says what a caller may see (never a
+token hash). Client messages (`Task`, `Receipt`, `Enrollment`) are the
+`fedcore.messages` models themselves, shared with the SDK.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aggregator import (
+    ClientRecord,
+    FederationRecord,
+    FederationStatus,
+    ModelRecord,
+    RoundRecord,
+    RoundStatus,
+)
+
+__all__ = [
+    "ClientOut",
+    "EnrollIn",
+    "FederationOut",
+    "HealthOut",
+    "ModelOut",
+    "RoundOut",
+    "TokensIn",
+    "TokensOut",
+]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FederationOut(_Out):
+    """A federation, its state, current model version and configuration."""
+
+    id: str
+    name: str
+    status: FederationStatus
+    model_version: str
+    current_round: int
+    created_at: float
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, record: FederationRecord) -> FederationOut:
+        """Describe `record`."""
+        return cls(
+            id=record.id,
+            name=record.name,
+            status=record.status,
+            model_version=record.model_version,
+            current_round=record.current_round,
+            created_at=record.created_at,
+            config=json.loads(record.config_json),
+        )
+
+
+class RoundOut(_Out):
+    """A round: its stage, cohort, deadline and, once closed, its result."""
+
+    federation_id: str
+    number: int
+    status: RoundStatus
+    model_version: str
+    opened_at: float
+    deadline: float
+    cohort: list[str]
+    closed_at: float | None
+    result_version: str | None
+    metrics: dict[str, float]
+    reason: str | None
+
+    @classmethod
+    def of(cls, record: RoundRecord) -> RoundOut:
+        """Describe `record`."""
+        return cls(
+            federation_id=record.federation_id,
+            number=record.number,
+            status=record.status,
+            model_version=record.model_version,
+            opened_at=record.opened_at,
+            deadline=record.deadline,
+            cohort=list(record.cohort),
+            closed_at=record.closed_at,
+            result_version=record.result_version,
+            metrics=dict(record.metrics),
+            reason=record.reason,
+        )
+
+
+class ClientOut(_Out):
+    """An enrolled client; its credential is never shown again."""
+
+    id: str
+    federation_id: str
+    created_at: float
+    last_seen: float
+    revoked: bool
+
+    @classmethod
+    def of(cls, record: ClientRecord) -> ClientOut:
+        """Describe `record`."""
+        return cls(
+            id=record.id,
+            federation_id=record.federation_id,
+            created_at=record.created_at,
+            last_seen=record.last_seen,
+            revoked=record.revoked,
+        )
+
+
+class ModelOut(_Out):
+    """A model version (the sha256 of its safetensors) and the round that made it."""
+
+    federation_id: str
+    version: str
+    round: int
+    size_bytes: int
+    created_at: float
+
+    @classmethod
+    def of(cls, record: ModelRecord) -> ModelOut:
+        """Describe `record`."""
+        return cls(
+            federation_id=record.federation_id,
+            version=record.version,
+            round=record.round,
+            size_bytes=record.size_bytes,
+            created_at=record.created_at,
+        )
+
+
+class TokensIn(_In):
+    """A request for one-time enrollment tokens."""
+
+    count: int = Field(ge=1, le=1000)
+    ttl_s: float = Field(gt=0, le=366 * 86400, allow_inf_nan=False)
+
+
+class TokensOut(_Out):
+    """Fresh enrollment tokens: shown once, stored only hashed."""
+
+    tokens: list[str]
+    expires_at: float
+
+
+class EnrollIn(_In):
+    """A device's enrollment request."""
+
+    enrollment_token: str = Field(min_length=1, max_length=512)
+
+
+class HealthOut(_Out):
+    """The answer of `/healthz` and `/readyz`."""
+
+    status: str

@@ -1,0 +1,247 @@
+"""Benchmark: streaming FedAvg over memory-mapped updates, against the memory-read floor.
+
+For each model size P and number of updates K, a child process opens the
+updates the way the aggregator does (safetensors files written with
+`fedcore.wire.write`, opened with `fedcore.wire.read`, memory-mapped) and
+measures, in the same process and on the same inputs in the same order:
+
+- the floor: the time to read every input byte once. Several honest reads are
+  timed (`np.maximum.reduce`, `ndarray.sum`, `np.bitwise_or.reduce` over a
+  uint64 view) and the fastest is the floor;
+- the fold with `WeightedMean.add_many` (16 updates per pass) and with one
+  `WeightedMean.add` per update, and `FedAvg.finish`;
+- the peak RSS growth above the inputs: the baseline is the RSS once every input
+  page is mapped and resident, the peak is `ru_maxrss` after the fold.
+
+Writing K distinct files of P float32 would need K * P * 4 bytes of disk (16 GB
+for K=400, P=1e7), so `--files` distinct updates (default 20) are written per P
+and the K folds cycle through them. Timings are the best of `--repeat` runs.
+
+Run: .venv/bin/python bench/aggregate.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from fedcore import FedAvg, ParameterSet, WeightedMean, wire
+
+BATCH = 16
+FULL = {"sizes": [1_000_000, 10_000_000], "counts": [10, 100, 400]}
+QUICK = {"sizes": [1_000_000], "counts": [10, 100]}
+
+
+def layout(size: int) -> dict[str, int]:
+    """Split `size` parameters into tensors shaped like a small network's."""
+    head, mid = size // 2, size // 4
+    return {
+        "body.weight": head,
+        "head.weight": mid,
+        "head.bias": 1000,
+        "tail": size - head - mid - 1000,
+    }
+
+
+def write_updates(size: int, files: int, directory: Path) -> list[Path]:
+    rng = np.random.default_rng(size)
+    paths = []
+    for i in range(files):
+        update = {
+            name: rng.standard_normal(n, dtype=np.float32) for name, n in layout(size).items()
+        }
+        path = directory / f"p{size}-u{i:02d}.safetensors"
+        wire.write(update, path)
+        paths.append(path)
+    return paths
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def reader(
+    updates: list[ParameterSet], count: int, read: Callable[[np.ndarray[Any, Any]], object]
+) -> Callable[[], None]:
+    """Return a run that reads the K inputs in the order the fold reads them."""
+
+    def run() -> None:
+        for k in range(count):
+            for array in updates[k % len(updates)].values():
+                read(array)
+
+    return run
+
+
+def or_u64(array: np.ndarray[Any, Any]) -> object:
+    return np.bitwise_or.reduce(array[: array.size // 2 * 2].view(np.uint64))
+
+
+READS: dict[str, Callable[[np.ndarray[Any, Any]], object]] = {
+    "np.maximum.reduce": np.maximum.reduce,
+    "ndarray.sum": np.sum,
+    "np.bitwise_or.reduce(u64 view)": or_u64,
+}
+
+
+def fold_many(model: ParameterSet, updates: list[ParameterSet], count: int) -> WeightedMean:
+    aggregate = FedAvg().begin(model)
+    for first in range(0, count, BATCH):
+        group = range(first, min(first + BATCH, count))
+        aggregate.add_many((updates[k % len(updates)], float(1 + k % 7)) for k in group)
+    return aggregate
+
+
+def fold_one(model: ParameterSet, updates: list[ParameterSet], count: int) -> WeightedMean:
+    aggregate = FedAvg().begin(model)
+    for k in range(count):
+        aggregate.add(updates[k % len(updates)], float(1 + k % 7))
+    return aggregate
+
+
+def rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def open_inputs(paths: list[Path], count: int) -> tuple[list[ParameterSet], ParameterSet]:
+    updates = [wire.read(p)[0] for p in paths[: min(count, len(paths))]]
+    model = ParameterSet({n: np.full(a.shape, 0.5, a.dtype) for n, a in updates[0].items()})
+    for update in updates:  # fault every input page in: the baseline holds the inputs
+        for array in update.values():
+            np.maximum.reduce(array)
+    return updates, model
+
+
+def measure_memory(model: ParameterSet, updates: list[ParameterSet], count: int) -> dict[str, int]:
+    baseline = rss()
+    aggregate = fold_many(model, updates, count)
+    fold_peak = peak_rss() - baseline
+    FedAvg().finish(model, aggregate)
+    return {
+        "baseline_rss_bytes": baseline,
+        "fold_peak_bytes": fold_peak,
+        "finish_peak_bytes": peak_rss() - baseline,
+    }
+
+
+def child(size: int, count: int, paths: list[Path], repeat: int) -> dict[str, Any]:
+    updates, model = open_inputs(paths, count)
+    result: dict[str, Any] = {"P": size, "K": count, "distinct": len(updates)}
+    result |= measure_memory(model, updates, count)
+    aggregate = fold_many(model, updates, count)
+    runs: dict[str, Callable[[], object]] = {
+        **{f"floor {name}": reader(updates, count, read) for name, read in READS.items()},
+        "add_many": lambda: fold_many(model, updates, count),
+        "add": lambda: fold_one(model, updates, count),
+        "finish": lambda: FedAvg().finish(model, aggregate),
+        "touch": lambda: np.zeros(size).fill(1.0),
+    }
+    # Interleaved, so that the floor and the fold see the same background load.
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeat):
+        for name, run in runs.items():
+            best[name] = min(best[name], timed(run))
+    floors = {name[len("floor ") :]: t for name, t in best.items() if name.startswith("floor ")}
+    result["floor_read"] = min(floors, key=lambda n: floors[n])
+    result["floor_s"] = floors[result["floor_read"]]
+    result["floors"] = floors
+    result |= {f"{name}_s": best[name] for name in ("add_many", "add", "finish", "touch")}
+    return result
+
+
+def run_child(size: int, count: int, paths: list[Path], repeat: int) -> dict[str, Any]:
+    args = [sys.executable, __file__, "--repeat", str(repeat), "--child", str(size), str(count)]
+    out = subprocess.run([*args, *map(str, paths)], check=True, stdout=subprocess.PIPE, text=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+COLUMNS = [
+    "P",
+    "K",
+    "floor ms (fastest read)",
+    "add_many ms",
+    "/ floor",
+    "add ms",
+    "/ floor",
+    "finish ms",
+    "8P first touch ms",
+    "fold peak MB",
+    "fold peak / 4P",
+    "with finish / 4P",
+]
+
+
+def table_row(r: dict[str, Any]) -> list[str]:
+    floor, model_bytes = r["floor_s"], 4 * r["P"]
+    return [
+        f"{r['P']:.0e}",
+        str(r["K"]),
+        f"{floor * 1e3:.1f} ({r['floor_read']})",
+        f"{r['add_many_s'] * 1e3:.1f}",
+        f"{r['add_many_s'] / floor:.2f}x",
+        f"{r['add_s'] * 1e3:.1f}",
+        f"{r['add_s'] / floor:.2f}x",
+        f"{r['finish_s'] * 1e3:.1f}",
+        f"{r['touch_s'] * 1e3:.1f}",
+        f"{r['fold_peak_bytes'] / 2**20:.1f}",
+        f"{r['fold_peak_bytes'] / model_bytes:.2f}",
+        f"{r['finish_peak_bytes'] / model_bytes:.2f}",
+    ]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for r in rows:
+        print("| " + " | ".join(table_row(r)) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="P=1e6 and K in {10, 100} only")
+    parser.add_argument("--files", type=int, default=20, help="distinct update files per P")
+    parser.add_argument("--repeat", type=int, default=5, help="timings are the best of this many")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        size, count, *paths = args.child
+        print(json.dumps(child(int(size), int(count), [Path(p) for p in paths], args.repeat)))
+        return
+    grid = QUICK if args.quick else FULL
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedcore-bench-") as tmp:
+        for size in grid["sizes"]:
+            paths = write_updates(size, args.files, Path(tmp))
+            for count in grid["counts"]:
+                rows.append(run_child(size, count, paths, args.repeat))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"{args.files} distinct float32 update files per P, cycled for K folds;", end=" ")
+    print(f"timings are the best of {args.repeat}.")
+    print("ratio = time / floor; target add_many <= 1.5x. growth / 4P: peak RSS growth over the")
+    print("resident inputs in units of the float32 model size; target <= 3, flat in K.")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

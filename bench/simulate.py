@@ -1,0 +1,296 @@
+"""Benchmark: the simulation engine against a bare training loop on the digits task.
+
+The reference setting of `/work/shared/data/README.md` (100 clients, the
+Dirichlet 0.5 partition, 30 rounds, every client every round, 1 local epoch,
+batch 16, SGD lr 0.05, FedAvg weighted by example counts) runs twice, in the
+same process and on the same loaded data:
+
+- the bare loop below: plain torch and numpy, no framework. Per round, each
+  client loads the global weights into one model, trains, and its trained
+  weights (as numpy) are folded into a float64 weighted sum; then the test
+  accuracy is taken. Same initial weights (`make_mlp(seed=0)`) and the same
+  per-client, per-round shuffling as `clients.TorchTrainer`, so the
+  accuracies match the framework's;
+- the framework: `api.simulation.simulate(SimulationConfig(clients=100,
+  rounds=30))`: the aggregator core over the in-memory store, a virtual
+  `clients.Fleet` through `aggregator.InProcessTransport` (every update
+  serialized to safetensors, validated, stored and folded).
+
+Both run with `torch.set_num_threads(1)` for the whole process (the fleet
+sets one thread while it steps; here the evaluation uses one thread too). The
+runs alternate (bare, framework, framework, bare, ...) to spread the noise of
+a shared machine over both, and medians are reported. Also measured: the cold
+start (a fresh interpreter until the first client starts training in round
+1) and a second configuration (1,000 clients, 10% sampled per round, some
+without any data), which must run every round to CLOSED.
+
+Run: .venv/bin/python bench/simulate.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional
+
+from api.simulation import SimulationConfig, simulate
+from clients.digits import (
+    DigitsSplit,
+    dirichlet_partition,
+    load_digits_split,
+    load_partition,
+    make_mlp,
+    partition_fingerprint,
+)
+
+SHARED = Path("/work/shared/data/digits-dirichlet-a0.5-n100-s0.json")
+CLIENTS, ROUNDS, BATCH, LR, ALPHA, SEED = 100, 30, 16, 0.05, 0.5, 0
+CHECKPOINTS = (5, 10, 20, 30)
+# Test accuracy after rounds 5 / 10 / 20 / 30 that a peer framework reaches
+# (/work/shared/data/README.md); a correct FedAvg lands within 0.03.
+REFERENCE = {5: 0.206, 10: 0.483, 20: 0.686, 30: 0.772}
+TOLERANCE = 0.03
+TARGET_RATIO, TARGET_COLD_S, TARGET_OVERHEAD_MS = 1.2, 2.0, 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One timed run: wall seconds and the test accuracy after each round."""
+
+    seconds: float
+    accuracy: tuple[float, ...]
+
+
+# ----------------------------------------------------------------- bare loop
+
+
+def client_seed(index: int) -> int:
+    """Return client `index`'s shuffling seed, derived as `clients.Fleet` does."""
+    return int(np.random.SeedSequence([SEED, index]).generate_state(1)[0])
+
+
+def round_seed(seed: int, round_number: int) -> int:
+    """Return a client's shuffling seed for a round, derived as `TorchTrainer` does."""
+    return int(np.random.SeedSequence([seed, round_number]).generate_state(1, np.uint64)[0])
+
+
+def accuracy_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return float((model(x).argmax(dim=1) == y).float().mean().item())
+
+
+def bare_loop(split: DigitsSplit, parts: list[np.ndarray]) -> Run:
+    """Run FedAvg on the digits task with nothing but torch and numpy."""
+    start = time.perf_counter()
+    model = make_mlp(seed=SEED)
+    params = list(model.parameters())
+    weights = [p.detach().numpy().copy() for p in params]
+    x, y = torch.from_numpy(split.x_train), torch.from_numpy(split.y_train)
+    shards = [(x[torch.from_numpy(p)], y[torch.from_numpy(p)]) for p in parts]
+    seeds = [client_seed(i) for i in range(len(parts))]
+    x_test, y_test = torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
+    optimizer = torch.optim.SGD(params, lr=LR)
+    generator = torch.Generator()
+    accuracy = []
+    for round_number in range(1, ROUNDS + 1):
+        sums = [np.zeros(w.shape, dtype=np.float64) for w in weights]
+        total = 0
+        for (xs, ys), seed in zip(shards, seeds, strict=True):
+            n = len(ys)
+            if n == 0:
+                continue
+            with torch.no_grad():
+                for p, w in zip(params, weights, strict=True):
+                    p.copy_(torch.from_numpy(w))
+            generator.manual_seed(round_seed(seed, round_number))
+            order = torch.randperm(n, generator=generator)
+            for lo in range(0, n, BATCH):
+                idx = order[lo : lo + BATCH]
+                optimizer.zero_grad(set_to_none=True)
+                functional.cross_entropy(model(xs[idx]), ys[idx]).backward()
+                optimizer.step()
+            for s, p in zip(sums, params, strict=True):
+                s += n * p.detach().numpy()
+            total += n
+        weights = [(s / total).astype(np.float32) for s in sums]
+        with torch.no_grad():
+            for p, w in zip(params, weights, strict=True):
+                p.copy_(torch.from_numpy(w))
+        accuracy.append(accuracy_of(model, x_test, y_test))
+    return Run(time.perf_counter() - start, tuple(accuracy))
+
+
+# ----------------------------------------------------------------- framework
+
+
+def framework(split: DigitsSplit, config: SimulationConfig) -> tuple[Run, list[str]]:
+    """Run `simulate` and return its run and the status of every round."""
+    start = time.perf_counter()
+    result = simulate(config, split=split)
+    seconds = time.perf_counter() - start
+    run = Run(seconds, tuple(r.accuracy for r in result.reports))
+    return run, [r.status.value for r in result.reports]
+
+
+# The child of the cold start measurement: wall-clock stamps (time.time, so
+# that the parent's stamp before spawning compares) at its first statement,
+# after importing the framework, after loading the data, and when the first
+# client begins local training in round 1, where it stops.
+COLD_CHILD = """
+import time
+stamps = {"start": time.time()}
+import torch
+import clients.trainer
+from api.simulation import SimulationConfig, simulate
+stamps["imported"] = time.time()
+from clients.digits import load_digits_split
+split = load_digits_split()
+stamps["data"] = time.time()
+
+class Begun(Exception):
+    pass
+
+def fit(self, *args, **kwargs):
+    stamps["round1"] = time.time()
+    raise Begun
+
+clients.trainer.TorchTrainer.fit = fit
+try:
+    simulate(SimulationConfig(clients=100, rounds=30), split=split)
+except Begun:
+    pass
+print(__import__("json").dumps(stamps))
+"""
+
+
+def cold_start() -> dict[str, float]:
+    """Return the seconds from spawning a fresh interpreter to each stage."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    spawned = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", COLD_CHILD], capture_output=True, text=True, check=True, env=env
+    )
+    stamps = json.loads(out.stdout.strip().splitlines()[-1])
+    return {stage: at - spawned for stage, at in stamps.items()}
+
+
+# ------------------------------------------------------------------- driver
+
+
+def reference_parts(split: DigitsSplit) -> list[np.ndarray]:
+    """Return the partition, checked against the shared reference file."""
+    parts = dirichlet_partition(split.y_train, CLIENTS, ALPHA, SEED)
+    shared = load_partition(SHARED)
+    ours, theirs = partition_fingerprint(parts), partition_fingerprint(shared)
+    assert ours == theirs, f"partition {ours} differs from the shared file's {theirs}"
+    assert all(np.array_equal(a, b) for a, b in zip(parts, shared, strict=True))
+    print(f"partition: {CLIENTS} clients, sizes {min(map(len, parts))}-{max(map(len, parts))}")
+    print(f"  fingerprint {ours} equals {SHARED.name}'s")
+    return parts
+
+
+def interleaved(repeat: int, runs: dict[str, Callable[[], Run]]) -> dict[str, list[Run]]:
+    """Run each benchmark `repeat` times, alternating their order every repeat."""
+    names = list(runs)
+    out: dict[str, list[Run]] = {name: [] for name in names}
+    for i in range(repeat):
+        for name in names if i % 2 == 0 else names[::-1]:
+            run = runs[name]()
+            out[name].append(run)
+            print(f"  {name:9s} run {i + 1}: {run.seconds:6.2f} s")
+    return out
+
+
+def median_seconds(runs: list[Run]) -> float:
+    return statistics.median(r.seconds for r in runs)
+
+
+def report_speed(results: dict[str, list[Run]]) -> None:
+    bare, fw = median_seconds(results["bare"]), median_seconds(results["framework"])
+    pairs = [f.seconds / b.seconds for b, f in zip(results["bare"], results["framework"], strict=True)]
+    overhead_ms = (fw - bare) / (ROUNDS * CLIENTS) * 1e3
+    print("\nwall time, median of runs (s)")
+    print(f"  bare loop          {bare:7.2f}")
+    print(f"  framework          {fw:7.2f}")
+    print(f"  ratio (medians)    {fw / bare:7.2f}x   target <= {TARGET_RATIO}x")
+    print(f"  ratio (paired, median) {statistics.median(pairs):.2f}x")
+    print(f"  overhead per client-round beyond training: {overhead_ms:.3f} ms"
+          f"   target <= {TARGET_OVERHEAD_MS} ms")  # fmt: skip
+
+
+def report_accuracy(results: dict[str, list[Run]]) -> None:
+    print("\ntest accuracy after round   " + "  ".join(f"{c:>5d}" for c in CHECKPOINTS))
+    print("  reference (peer)          " + "  ".join(f"{REFERENCE[c]:5.3f}" for c in CHECKPOINTS))
+    for name in ("bare", "framework"):
+        acc = results[name][0].accuracy
+        assert all(r.accuracy == acc for r in results[name]), f"{name} is not deterministic"
+        row = "  ".join(f"{acc[c - 1]:5.3f}" for c in CHECKPOINTS)
+        within = all(abs(acc[c - 1] - REFERENCE[c]) <= TOLERANCE for c in CHECKPOINTS)
+        print(f"  {name:26s}{row}   within {TOLERANCE} of reference: {within}")
+    gap = max(
+        abs(a - b)
+        for a, b in zip(results["bare"][0].accuracy, results["framework"][0].accuracy, strict=True)
+    )
+    print(f"  largest per-round gap bare vs framework: {gap:.4f}")
+
+
+def report_cold(samples: list[dict[str, float]]) -> None:
+    stages = ("start", "imported", "data", "round1")
+    median = {s: statistics.median(x[s] for x in samples) for s in stages}
+    print(f"\ncold start, median of {len(samples)} fresh interpreters (s from spawn)")
+    print(f"  interpreter up (first statement)       {median['start']:6.3f}")
+    print(f"  + import torch, api.simulation         {median['imported']:6.3f}")
+    print(f"  + load and scale digits (sklearn)      {median['data']:6.3f}")
+    print(f"  + federation, 100 enrolled, fleet, round 1 open, first fit: {median['round1']:6.3f}")
+    print(f"  cold start (spawn -> round 1 training) {median['round1']:6.3f}   "
+          f"target < {TARGET_COLD_S} s")  # fmt: skip
+
+
+def sampled_config(split: DigitsSplit) -> None:
+    config = SimulationConfig(clients=1000, fraction=0.1, rounds=ROUNDS)
+    parts = dirichlet_partition(split.y_train, config.clients, config.alpha, config.seed)
+    empty = sum(1 for p in parts if len(p) == 0)
+    print(f"\n1,000 clients, 10% per round: {empty} clients hold 0 examples")
+    run, statuses = framework(split, config)
+    assert len(statuses) == ROUNDS, f"{len(statuses)} rounds ended, expected {ROUNDS}"
+    assert all(s == "closed" for s in statuses), f"not every round closed: {statuses}"
+    print(f"  all {ROUNDS} rounds CLOSED; wall {run.seconds:.2f} s; "
+          f"final accuracy {run.accuracy[-1]:.3f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one run each, 2 cold starts")
+    parser.add_argument("--repeat", type=int, default=None, help="runs of each (default 5)")
+    args = parser.parse_args()
+    repeat = args.repeat or (1 if args.quick else 5)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads 1, "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    split = load_digits_split()
+    parts = reference_parts(split)
+    config = SimulationConfig(clients=CLIENTS, rounds=ROUNDS)
+    print(f"\ntimed runs ({repeat} each, alternating):")
+    results = interleaved(
+        repeat,
+        {"bare": lambda: bare_loop(split, parts), "framework": lambda: framework(split, config)[0]},
+    )
+    report_speed(results)
+    report_accuracy(results)
+    report_cold([cold_start() for _ in range(2 if args.quick else 5)])
+    sampled_config(split)
+
+
+if __name__ == "__main__":
+    main()

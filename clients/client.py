@@ -1,0 +1,158 @@
+"""The client loop: check in, train when asked, upload the delta, repeat.
+
+`Client` knows nothing of HTTP: it talks through a `fedcore.Transport`, so the
+same loop runs on an edge device (over `HttpTransport`) and inside a
+simulation (over the aggregator's in-process transport).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from clients.trainer import Trainer
+from fedcore import (
+    ParameterSet,
+    Receipt,
+    RoundStateError,
+    Task,
+    TaskAction,
+    TrainConfig,
+    Transport,
+    TransportError,
+    UpdateConflict,
+)
+
+__all__ = ["Client", "RoundResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    """What one round of local training produced.
+
+    `receipt` is None when the aggregator no longer took the update (the
+    round closed while the client trained).
+    """
+
+    round: int
+    model_version: str
+    num_examples: int
+    metrics: Mapping[str, float]
+    receipt: Receipt | None
+
+
+class Client:
+    """One federated client: a transport, a trainer and a federation id."""
+
+    def __init__(self, transport: Transport, trainer: Trainer, federation_id: str) -> None:
+        self.transport = transport
+        self.trainer = trainer
+        self.federation_id = federation_id
+        self._model: tuple[str, ParameterSet] | None = None
+        self._last_task: Task | None = None
+        self._last_result: RoundResult | None = None
+        self._stop = threading.Event()
+
+    @property
+    def last_task(self) -> Task | None:
+        """The answer to the latest check-in."""
+        return self._last_task
+
+    @property
+    def last_result(self) -> RoundResult | None:
+        """The latest round this client trained."""
+        return self._last_result
+
+    def step(self) -> TaskAction:
+        """Check in once and, if asked to, train and upload the update.
+
+        Returns:
+            The action of the check-in: `train` (done), `wait` (check in again
+            after `last_task.retry_after_s`) or `finished`.
+
+        Raises:
+            FedcoreError: the transport failed or the aggregator refused
+                (a round that closed while training is logged, not raised).
+        """
+        task = self.transport.fetch_task(self.federation_id)
+        self._last_task = task
+        if task.action is TaskAction.TRAIN:
+            self._last_result = self._train(task)
+        return task.action
+
+    def run(
+        self,
+        *,
+        on_round: Callable[[RoundResult], None] | None = None,
+        max_rounds: int | None = None,
+        max_sleep_s: float = 60.0,
+    ) -> int:
+        """Step until the federation finishes, `stop()` is called or `max_rounds` trained.
+
+        Args:
+            on_round: called with each round's result, e.g. to print progress.
+            max_rounds: stop after training this many rounds.
+            max_sleep_s: cap on the pause the aggregator asks for between check-ins.
+
+        Returns:
+            The number of rounds trained.
+        """
+        self._stop.clear()
+        trained = 0
+        while not self._stop.is_set():
+            action = self.step()
+            if action is TaskAction.FINISHED:
+                logger.info("federation %s finished", self.federation_id)
+                break
+            if action is TaskAction.TRAIN and self._last_result is not None:
+                trained += 1
+                if on_round is not None:
+                    on_round(self._last_result)
+                if max_rounds is not None and trained >= max_rounds:
+                    break
+            elif self._last_task is not None:
+                self._stop.wait(min(self._last_task.retry_after_s, max_sleep_s))
+        return trained
+
+    def stop(self) -> None:
+        """Make `run` return after the current step (safe from another thread)."""
+        self._stop.set()
+
+    def _train(self, task: Task) -> RoundResult:
+        if task.round is None or task.model_version is None:
+            raise TransportError("the aggregator sent a train task without round or model version")
+        params = self._fetch_model(task.model_version)
+        trained, meta = self.trainer.fit(
+            params, task.train or TrainConfig(), round_number=task.round
+        )
+        delta = trained.subtract(params)
+        receipt: Receipt | None
+        try:
+            receipt = self.transport.submit_update(self.federation_id, task.round, delta, meta)
+        except (RoundStateError, UpdateConflict) as exc:
+            # A straggler: the round moved on while this client trained. The
+            # next check-in brings the next round, so this is not fatal.
+            logger.warning("round %d: update not taken: %s", task.round, exc)
+            receipt = None
+        else:
+            logger.info(
+                "round %d: uploaded the update of %d examples", task.round, meta.num_examples
+            )
+        return RoundResult(
+            round=task.round,
+            model_version=task.model_version,
+            num_examples=meta.num_examples,
+            metrics=dict(meta.metrics),
+            receipt=receipt,
+        )
+
+    def _fetch_model(self, version: str) -> ParameterSet:
+        if self._model is not None and self._model[0] == version:
+            return self._model[1]
+        params = self.transport.fetch_model(self.federation_id, version)
+        self._model = (version, params)
+        return params

@@ -1,0 +1,159 @@
+"""Conversion between torch `state_dict`s and `fedcore.ParameterSet`s.
+
+Every dtype a model holds keeps its dtype: float32, float16, bfloat16, the
+integer step counters of BatchNorm (`num_batches_tracked`, int64) and bool
+masks. numpy has no bfloat16, so bfloat16 tensors are reinterpreted bit for
+bit as `ml_dtypes.bfloat16` arrays (through an int16 view, which costs no
+copy). CPU tensors and arrays share memory where torch allows it; CUDA
+tensors are copied to host memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from fedcore import Array, ParameterSet, TensorMismatch
+
+__all__ = ["copy_into", "to_parameters", "to_state_dict"]
+
+_BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+# The dtypes the wire format (safetensors) can carry; anything else, such as
+# complex or float8, is refused here rather than failing later on the wire.
+_SUPPORTED = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    }
+)
+
+
+def to_parameters(state_dict: Mapping[str, torch.Tensor], *, copy: bool = False) -> ParameterSet:
+    """Return the tensors of `state_dict` as a parameter set, in the same order.
+
+    Args:
+        state_dict: name → tensor, e.g. `model.state_dict()`.
+        copy: return arrays that own their memory. Without it, arrays of CPU
+            tensors are views that change when the model trains.
+
+    Raises:
+        TypeError: a tensor has a dtype the wire format cannot carry.
+    """
+    return ParameterSet({name: _to_array(name, t, copy=copy) for name, t in state_dict.items()})
+
+
+def to_state_dict(
+    params: Mapping[str, Array], like: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Return `params` as CPU tensors, or placed like the tensors of `like`.
+
+    Writable arrays are shared with the tensors; read-only arrays (such as those
+    decoded from the wire) are copied, because torch cannot wrap read-only
+    memory safely.
+
+    Args:
+        params: name → numpy array.
+        like: a state dict whose device and dtype each tensor takes, e.g. the
+            state dict of the model the result is loaded into.
+
+    Raises:
+        TensorMismatch: `like` has other tensor names or shapes than `params`.
+        TypeError: an array has a dtype torch does not know.
+    """
+    if like is not None:
+        _check_names_and_shapes(params, {n: tuple(t.shape) for n, t in like.items()})
+    out: dict[str, torch.Tensor] = {}
+    for name, array in params.items():
+        tensor = _to_tensor(name, array)
+        if like is not None:
+            tensor = tensor.to(device=like[name].device, dtype=like[name].dtype)
+        out[name] = tensor
+    return out
+
+
+def copy_into(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Array]) -> None:
+    """Overwrite `tensors` in place with the values of `params`.
+
+    This loads a model without allocating new tensors: pass
+    `model.state_dict()` (whose tensors share the model's memory). Values are
+    cast to each tensor's dtype.
+
+    Raises:
+        TensorMismatch: the names or shapes of `params` differ from `tensors`.
+    """
+    _check_names_and_shapes(params, {n: tuple(t.shape) for n, t in tensors.items()})
+    with torch.no_grad():
+        for name, target in tensors.items():
+            source = params[name]
+            if target.device.type == "cpu" and source.dtype == _array_dtype(target):
+                # Copying through numpy reads read-only sources without the
+                # copy (and the warning) that wrapping them in a tensor costs.
+                np.copyto(_view(target), source)
+            else:
+                target.copy_(_to_tensor(name, source))
+
+
+def _to_array(name: str, tensor: torch.Tensor, *, copy: bool) -> Array:
+    if tensor.dtype not in _SUPPORTED:
+        raise TypeError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which the wire format cannot carry; "
+            "convert it to a float, integer or bool dtype"
+        )
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+        copy = False
+    array = _view(t)
+    return np.array(array, copy=True) if copy else array
+
+
+def _view(tensor: torch.Tensor) -> Array:
+    """Return the numpy array sharing the memory of CPU `tensor`."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(_BFLOAT16)
+    return tensor.numpy()
+
+
+def _array_dtype(tensor: torch.Tensor) -> np.dtype[Any]:
+    if tensor.dtype == torch.bfloat16:
+        return _BFLOAT16
+    return np.dtype(str(tensor.dtype).removeprefix("torch."))
+
+
+def _to_tensor(name: str, array: Array) -> torch.Tensor:
+    if not array.flags.writeable or any(s < 0 for s in array.strides):
+        array = np.array(array, copy=True)
+    try:
+        if array.dtype == _BFLOAT16:
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+    except TypeError as exc:
+        raise TypeError(
+            f"array {name!r} has dtype {array.dtype}, which torch does not support"
+        ) from exc
+
+
+def _check_names_and_shapes(
+    params: Mapping[str, Array], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    problems = [f"missing tensor {n!r}" for n in shapes if n not in params]
+    problems += [f"unexpected tensor {n!r}" for n in params if n not in shapes]
+    problems += [
+        f"tensor {n!r} has shape {tuple(params[n].shape)}, expected {shape}"
+        for n, shape in shapes.items()
+        if n in params and tuple(params[n].shape) != shape
+    ]
+    if problems:
+        raise TensorMismatch("; ".join(problems))

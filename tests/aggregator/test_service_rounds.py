@@ -1,0 +1,299 @@
+"""The aggregator core runs rounds correctly, in process, on every store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator import (
+    Aggregator,
+    FederationStatus,
+    FileBlobStore,
+    InProcessTransport,
+    MemoryBlobStore,
+    MemoryStore,
+    RoundStatus,
+    SqlStore,
+)
+from fedcore import (
+    FederationConfig,
+    Forbidden,
+    ParameterSet,
+    RoundStateError,
+    TaskAction,
+    UpdateConflict,
+    UpdateMeta,
+    wire,
+)
+
+
+class Clock:
+    """A settable clock, so deadlines can pass without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def model() -> ParameterSet:
+    return ParameterSet(
+        {
+            "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "steps": np.array(10, dtype=np.int64),
+        }
+    )
+
+
+def delta_for(client_index: int, round_number: int) -> ParameterSet:
+    value = float(client_index + 1) * 0.1 * round_number
+    return ParameterSet(
+        {"w": np.full((2, 3), value, dtype=np.float32), "steps": np.array(2, dtype=np.int64)}
+    )
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_aggregator(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[[Clock], Aggregator]]:
+    stores: list[MemoryStore | SqlStore] = []
+
+    def make(clock: Clock) -> Aggregator:
+        if request.param == "memory":
+            store: MemoryStore | SqlStore = stores[0] if stores else MemoryStore()
+            blobs: MemoryBlobStore | FileBlobStore = MemoryBlobStore()
+        else:
+            store = SqlStore.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
+            blobs = FileBlobStore(tmp_path / "blobs")
+        stores.append(store)
+        return Aggregator(store, blobs, clock=clock)
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def create(agg: Aggregator, **overrides: object) -> str:
+    fields: dict[str, object] = {
+        "name": "t",
+        "rounds": 2,
+        "clients_per_round": 3,
+        "min_clients": 2,
+        "round_timeout_s": 30,
+        "checkin_wait_s": 10,
+        "seed": 7,
+    }
+    fields.update(overrides)
+    data = wire.encode(model())
+    staged = agg.blobs.stage(len(data))
+    staged.write(data)
+    fed = agg.create_federation(FederationConfig.model_validate(fields), staged)
+    return fed.id
+
+
+def enroll(agg: Aggregator, federation_id: str, count: int) -> list[str]:
+    tokens, _ = agg.access.create_enrollment_tokens(federation_id, count, 60)
+    return [agg.access.enroll(t).client_id for t in tokens]
+
+
+def submit(agg: Aggregator, fid: str, client: str, number: int, delta: ParameterSet) -> None:
+    meta = UpdateMeta(num_examples=10, metrics={"train_loss": 1.0})
+    InProcessTransport(agg, client).submit_update(fid, number, delta, meta)
+
+
+def test_federation_runs_all_rounds_and_averages_by_example_count(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid = create(agg)
+    clients = enroll(agg, fid, 3)
+    agg.start(fid)
+    weights = {c: 5 * (i + 1) for i, c in enumerate(clients)}
+    expected = model()["w"].astype(np.float64)
+    for number in (1, 2):
+        # The first pass checks everyone in (the cohort is sampled once all
+        # are present); the second hands every client its task.
+        for c in clients:
+            InProcessTransport(agg, c).fetch_task(fid)
+        tasks = {c: InProcessTransport(agg, c).fetch_task(fid) for c in clients}
+        assert all(t.action is TaskAction.TRAIN and t.round == number for t in tasks.values())
+        total = sum(weights.values())
+        step = sum(weights[c] * (i + 1) * 0.1 * number for i, c in enumerate(clients)) / total
+        expected = expected + step
+        for i, c in enumerate(clients):
+            meta = UpdateMeta(num_examples=weights[c])
+            InProcessTransport(agg, c).submit_update(fid, number, delta_for(i, number), meta)
+    fed = agg.get_federation(fid)
+    assert fed.status is FederationStatus.FINISHED
+    final = agg.load_model(fid, fed.model_version)
+    np.testing.assert_allclose(final["w"], expected, rtol=1e-6)
+    assert int(final["steps"]) == 14
+    assert [r.status for r in agg.list_rounds(fid)] == [RoundStatus.CLOSED] * 2
+    assert InProcessTransport(agg, clients[0]).fetch_task(fid).action is TaskAction.FINISHED
+
+
+def test_repeat_upload_returns_original_receipt_and_different_content_conflicts(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid = create(agg)
+    clients = enroll(agg, fid, 3)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    transport = InProcessTransport(agg, clients[0])
+    meta = UpdateMeta(num_examples=4)
+    first = transport.submit_update(fid, 1, delta_for(0, 1), meta)
+    again = transport.submit_update(fid, 1, delta_for(0, 1), meta)
+    assert again == first
+    with pytest.raises(UpdateConflict):
+        transport.submit_update(fid, 1, delta_for(1, 1), meta)
+    with agg.store.transaction() as tx:
+        assert [u.sha256 for u in tx.list_updates(fid, 1)] == [first.sha256]
+
+
+def test_round_fails_at_deadline_without_minimum_and_next_round_opens(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    clock = Clock()
+    agg = make_aggregator(clock)
+    fid = create(agg, rounds=1)
+    clients = enroll(agg, fid, 3)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    submit(agg, fid, clients[0], 1, delta_for(0, 1))
+    clock.now += 31
+    agg.tick()
+    rounds = agg.list_rounds(fid)
+    assert rounds[0].status is RoundStatus.FAILED
+    assert "1 updates" in (rounds[0].reason or "")
+    assert rounds[1].number == 2
+    with pytest.raises(RoundStateError):
+        submit(agg, fid, clients[1], 1, delta_for(1, 1))
+
+
+def test_round_closes_at_deadline_with_minimum(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    clock = Clock()
+    agg = make_aggregator(clock)
+    fid = create(agg, rounds=1)
+    clients = enroll(agg, fid, 3)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    submit(agg, fid, clients[0], 1, delta_for(0, 1))
+    submit(agg, fid, clients[1], 1, delta_for(1, 1))
+    assert agg.get_round(fid, 1).status is RoundStatus.TRAINING
+    clock.now += 31
+    agg.tick()
+    assert agg.get_round(fid, 1).status is RoundStatus.CLOSED
+    assert agg.get_round(fid, 1).metrics["clients"] == 2
+    assert agg.get_federation(fid).status is FederationStatus.FINISHED
+
+
+def test_over_selection_closes_after_enough_updates_and_refuses_stragglers(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid = create(agg, rounds=1, clients_per_round=2, min_clients=1, over_selection=0.5)
+    clients = enroll(agg, fid, 5)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    cohort = agg.get_round(fid, 1).cohort
+    assert len(cohort) == 3
+    assert len(set(cohort)) == 3
+    submit(agg, fid, cohort[0], 1, delta_for(0, 1))
+    submit(agg, fid, cohort[1], 1, delta_for(1, 1))
+    assert agg.get_round(fid, 1).status is RoundStatus.CLOSED
+    with pytest.raises(RoundStateError):
+        submit(agg, fid, cohort[2], 1, delta_for(2, 1))
+
+
+def test_client_outside_cohort_and_other_federation_are_refused(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid = create(agg, rounds=1, clients_per_round=1, min_clients=1)
+    other = create(agg, rounds=1, clients_per_round=1, min_clients=1)
+    clients = enroll(agg, fid, 2)
+    stranger = enroll(agg, other, 1)[0]
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    cohort = agg.get_round(fid, 1).cohort
+    outsider = next(c for c in clients if c not in cohort)
+    with pytest.raises(RoundStateError, match="not selected"):
+        submit(agg, fid, outsider, 1, delta_for(0, 1))
+    with pytest.raises(Forbidden):
+        InProcessTransport(agg, stranger).fetch_task(fid)
+
+
+def test_zero_example_updates_are_counted_with_weight_zero(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid = create(agg, rounds=1, clients_per_round=2)
+    clients = enroll(agg, fid, 2)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    zero = ParameterSet({"w": np.zeros((2, 3), np.float32), "steps": np.array(0, np.int64)})
+    InProcessTransport(agg, clients[0]).submit_update(fid, 1, zero, UpdateMeta(num_examples=0))
+    InProcessTransport(agg, clients[1]).submit_update(fid, 1, zero, UpdateMeta(num_examples=0))
+    fed = agg.get_federation(fid)
+    assert fed.status is FederationStatus.FINISHED
+    final = agg.load_model(fid, fed.model_version)
+    np.testing.assert_array_equal(final["w"], model()["w"])
+    assert int(final["steps"]) == 10
+
+
+def test_paused_federation_hands_out_no_tasks_until_resumed(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid = create(agg, rounds=1, clients_per_round=1, min_clients=1)
+    client = enroll(agg, fid, 1)[0]
+    transport = InProcessTransport(agg, client)
+    assert transport.fetch_task(fid).action is TaskAction.WAIT
+    agg.start(fid)
+    agg.pause(fid)
+    assert transport.fetch_task(fid).action is TaskAction.WAIT
+    agg.start(fid)
+    assert transport.fetch_task(fid).action is TaskAction.TRAIN
+    agg.stop(fid)
+    assert transport.fetch_task(fid).action is TaskAction.FINISHED
+    assert agg.get_round(fid, 1).status is RoundStatus.FAILED
+
+
+def test_restart_mid_round_counts_every_acknowledged_update_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    clock = Clock()
+    store = SqlStore.open(url)
+    agg = Aggregator(store, FileBlobStore(tmp_path / "blobs"), clock=clock)
+    fid = create(agg, rounds=1)
+    clients = enroll(agg, fid, 3)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    submit(agg, fid, clients[0], 1, delta_for(0, 1))
+    submit(agg, fid, clients[1], 1, delta_for(1, 1))
+    store.close()
+
+    store = SqlStore.open(url)
+    agg = Aggregator(store, FileBlobStore(tmp_path / "blobs"), clock=clock)
+    submit(agg, fid, clients[1], 1, delta_for(1, 1))
+    submit(agg, fid, clients[2], 1, delta_for(2, 1))
+    rnd = agg.get_round(fid, 1)
+    assert rnd.status is RoundStatus.CLOSED
+    assert rnd.metrics["clients"] == 3
+    final = agg.load_model(fid, agg.get_federation(fid).model_version)
+    expected = model()["w"] + (0.1 + 0.2 + 0.3) / 3
+    np.testing.assert_allclose(final["w"], expected, rtol=1e-6)
+    store.close()
