@@ -37,7 +37,7 @@ test: check
 	$(BIN)/pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m api.demo
+	$(BIN)/fedcore demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/aggregate.py

@@ -3,11 +3,13 @@
 `create_app(settings)` wires the routers, the problem handlers and the metrics
 middleware; its lifespan opens the store (applying migrations), the blob
 store and the aggregator, bootstraps an admin token and runs the ticker, and
-closes all of it on shutdown.
+closes all of it on shutdown. Request bodies are limited by route
+(`api.limits`): uploads stream up to `max_body_bytes`, JSON stays small.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aggregator import Aggregator
 from api import routes_admin, routes_client, routes_ops
+from api.limits import BodyLimitMiddleware
 from api.metrics import Metrics, MetricsMiddleware
 from api.problems import install_problem_handlers
 from api.runtime import Runtime
@@ -36,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await run_in_threadpool(Runtime.open, settings, metrics)
+        loop = asyncio.get_running_loop()
+        runtime = await run_in_threadpool(Runtime.open, settings, metrics, loop)
         app.state.runtime = runtime
         try:
             yield
@@ -52,10 +56,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_problem_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(routes_client.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_ops.router)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        streaming_endpoints={routes_client.upload_update, routes_admin.create_federation},
+        max_body_bytes=settings.max_body_bytes,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     metrics.watch(lambda: _aggregator_of(app))
     return app
 

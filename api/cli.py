@@ -15,6 +15,7 @@ import uvicorn
 
 from api.app import create_app
 from api.cli_admin import app as admin_app
+from api.cli_simulate import demo, simulate_command
 from api.settings import Settings
 
 __all__ = ["app", "main"]
@@ -26,6 +27,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(admin_app, name="admin")
+app.command(name="simulate")(simulate_command)
+app.command()(demo)
 
 
 @app.command()
@@ -92,6 +95,10 @@ def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this. asyncio sets it only on sockets it
+    # creates itself; without it, Nagle's algorithm and delayed ACKs add
+    # ~40 ms to every request whose response goes out in two writes.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
         sock.listen(2048)

@@ -230,9 +230,13 @@ def _post(ctx: typer.Context, path: str) -> Any:
 
 def _save(response: httpx.Response, output: Path) -> int:
     partial = output.with_name(output.name + ".part")
-    with partial.open("wb") as fh:
-        for chunk in response.iter_bytes():
-            fh.write(chunk)
+    try:
+        with partial.open("wb") as fh:
+            for chunk in response.iter_bytes():
+                fh.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(output)
     return output.stat().st_size
 

@@ -9,15 +9,11 @@ until the federation ends. Each round is evaluated on the held-out test set.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aggregator import RoundStatus, TokenKind
 from aggregator.tokens import new_token
+from api.launch import local_server
 from api.plots import plot_history
 from api.simulation import RoundReport
 from clients import Client, HttpTransport, TensorData, TorchTrainer, enroll, to_parameters
@@ -38,7 +35,6 @@ from fedcore import Enrollment, ParameterSet, wire
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 _POLL_S = 0.1
-_STARTUP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +72,16 @@ class _Fleet:
     errors: list[BaseException] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    """What following a federation's rounds needs."""
+
+    admin: httpx.Client
+    federation_id: str
+    evaluator: Evaluator
+    fleet: _Fleet
+
+
 def run_demo(config: DemoConfig, console: Console) -> DemoResult:
     """Run the demo federation end to end and return what it showed."""
     started = time.perf_counter()
@@ -84,7 +90,8 @@ def run_demo(config: DemoConfig, console: Console) -> DemoResult:
     config.output.mkdir(parents=True)
     torch.set_num_threads(1)
     admin_token = new_token(TokenKind.ADMIN)
-    with _server(config.output / "server", admin_token) as url:
+    with local_server(config.output / "server", admin_token) as server:
+        url = server.url
         console.print(f"aggregator listening on [bold]{url}[/] (data in {config.output}/server)")
         admin = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
@@ -114,7 +121,8 @@ def _federate(
     fleet = _start_clients(url, enrollments, client_data(split, parts), config.seed)
     _post(admin, f"/admin/federations/{federation_id}/start")
     try:
-        reports = _follow(admin, federation_id, Evaluator(split), config, console, fleet)
+        watch = _Watch(admin, federation_id, Evaluator(split), fleet)
+        reports = _follow(watch, config, console)
     finally:
         for client in fleet.clients:
             client.stop()
@@ -165,18 +173,12 @@ def _run_client(client: Client, transport: HttpTransport, fleet: _Fleet) -> None
     with transport:
         try:
             client.run()
-        except Exception as exc:  # reported by the main thread, which stops the demo
+        except Exception as exc:  # noqa: BLE001 -- re-raised by the main thread in _follow
             fleet.errors.append(exc)
 
 
-def _follow(
-    admin: httpx.Client,
-    federation_id: str,
-    evaluator: Evaluator,
-    config: DemoConfig,
-    console: Console,
-    fleet: _Fleet,
-) -> list[RoundReport]:
+def _follow(watch: _Watch, config: DemoConfig, console: Console) -> list[RoundReport]:
+    admin, federation_id, fleet = watch.admin, watch.federation_id, watch.fleet
     reports: list[RoundReport] = []
     columns = (TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     console.print("round  clients  train loss  test acc  seconds")
@@ -191,7 +193,7 @@ def _follow(
             for row in _get(admin, f"/admin/federations/{federation_id}/rounds")[len(reports) :]:
                 if row["status"] not in (RoundStatus.CLOSED, RoundStatus.FAILED):
                     break
-                report = _report(admin, row, evaluator)
+                report = _report(admin, row, watch.evaluator)
                 reports.append(report)
                 progress.advance(bar)
                 progress.console.print(_line(report))
@@ -242,49 +244,3 @@ def _post(admin: httpx.Client, path: str, **kwargs: Any) -> Any:
     if response.is_error:
         raise RuntimeError(f"POST {path} failed: {response.status_code} {response.text}")
     return response.json()
-
-
-@contextlib.contextmanager
-def _server(data_dir: Path, admin_token: str) -> Iterator[str]:
-    env = {**os.environ, "FEDCORE_ADMIN_TOKEN": admin_token}
-    command = [sys.executable, "-m", "api", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--data-dir", str(data_dir), "--log-level", "warning"]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)  # noqa: S603
-    try:
-        yield _await_url(process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _await_url(process: subprocess.Popen[str]) -> str:
-    assert process.stdout is not None  # noqa: S101 -- Popen(stdout=PIPE) sets it
-    started = time.monotonic()
-    line = process.stdout.readline()
-    if "http://" not in line:
-        raise RuntimeError(f"the aggregator did not start: {line.strip() or 'no output'}")
-    url = line.strip().split()[-1]
-    while time.monotonic() - started < _STARTUP_TIMEOUT_S:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return url
-        time.sleep(0.1)
-    raise RuntimeError(f"the aggregator at {url} did not become ready")
-
-
-def main() -> None:
-    """Run the demo with its defaults and print where the results are."""
-    console = Console()
-    result = run_demo(DemoConfig(), console)
-    console.print(
-        f"\nfinal test accuracy: [bold]{result.accuracy:.3f}[/] "
-        f"({len(result.reports)} rounds in {result.seconds:.1f} s)\n"
-        f"final model: {result.model_path}\nplot: {result.plot_path}"
-    )
-
-
-if __name__ == "__main__":
-    main()

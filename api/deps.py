@@ -29,7 +29,12 @@ __all__ = [
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _runtime(request: Request) -> Runtime:
+# Dependencies that only read values are coroutines, so FastAPI runs them on
+# the event loop instead of a worker thread; those that query the database
+# stay plain functions and run in the threadpool.
+
+
+async def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -37,14 +42,14 @@ def _runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-def _aggregator(runtime: RuntimeDep) -> Aggregator:
+async def _aggregator(runtime: RuntimeDep) -> Aggregator:
     return runtime.aggregator
 
 
 AggregatorDep = Annotated[Aggregator, Depends(_aggregator)]
 
 
-def _bearer_token(
+async def _bearer_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str | None:
@@ -72,7 +77,7 @@ def _client(aggregator: AggregatorDep, token: BearerDep) -> ClientRecord:
 ClientDep = Annotated[ClientRecord, Depends(_client)]
 
 
-def _member(fid: str, client: ClientDep) -> ClientRecord:
+async def _member(fid: str, client: ClientDep) -> ClientRecord:
     if client.federation_id != fid:
         raise Forbidden("this client is enrolled in another federation")
     return client

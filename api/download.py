@@ -37,6 +37,10 @@ def model_response(
         return Response(status_code=304, headers=headers)
     size = stream.seek(0, os.SEEK_END)
     stream.seek(0)
+    if size <= _CHUNK:
+        # One read answers a small model; streaming would cost more than it saves.
+        with stream:
+            return Response(stream.read(), media_type=wire.MEDIA_TYPE, headers=headers)
     headers["Content-Length"] = str(size)
     return StreamingResponse(_chunks(stream), media_type=wire.MEDIA_TYPE, headers=headers)
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from aggregator import Aggregator, StagedBlob
+from aggregator import StagedBlob
 from api.deps import AggregatorDep, MemberDep, RuntimeDep
 from api.download import model_response
 from api.problems import problem_type
@@ -21,12 +21,9 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["client"])
 
-# How often a held check-in looks for a transition applied by this process;
-# short enough to add little latency to a round, cheap since it only reads
-# an integer.
-_POLL_S = 0.02
-# How often a held check-in asks the service again even without a local
-# transition: another worker may have moved the round, or a deadline passed.
+# A held check-in asks the service again at least this often, even without
+# a transition in this process: another worker may have moved the round, or
+# a deadline passed.
 _RECHECK_S = 1.0
 # Upload bytes are written to the staged blob in batches of this size, off
 # the event loop.
@@ -60,7 +57,7 @@ async def check_in(
         remaining = deadline - loop.time()
         if task.action is not TaskAction.WAIT or remaining <= 0:
             return task
-        await _transition_or_timeout(aggregator, seen, min(remaining, _RECHECK_S))
+        await runtime.changes.wait(seen, min(remaining, _RECHECK_S))
         if await request.is_disconnected():
             return task
 
@@ -99,12 +96,12 @@ async def upload_update(
     re-upload; a different one is refused with 409).
     """
     aggregator = runtime.aggregator
-    limit = await run_in_threadpool(_upload_limit, runtime, fid)
+    limit, repeat = await run_in_threadpool(_prepare, runtime, client.id, fid, n)
     _check_declared_length(request, limit)
     staged = aggregator.blobs.stage(limit)
     try:
         await _receive(request, staged)
-        receipt, repeat = await run_in_threadpool(_submit, aggregator, client.id, fid, n, staged)
+        receipt = await run_in_threadpool(aggregator.submit_update, client.id, fid, n, staged)
     except FedcoreError as exc:
         runtime.metrics.updates_rejected.labels(problem_type(exc).slug).inc()
         raise
@@ -115,15 +112,18 @@ async def upload_update(
     return JSONResponse(receipt.model_dump(mode="json"), status_code=200 if repeat else 201)
 
 
-async def _transition_or_timeout(aggregator: Aggregator, seen: int, timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    until = loop.time() + timeout_s
-    while aggregator.generation == seen and loop.time() < until:
-        await asyncio.sleep(_POLL_S)
+def _prepare(runtime: Runtime, client_id: str, fid: str, n: int) -> tuple[int, bool]:
+    """Return the upload's size limit, and whether the client's update was stored before.
 
-
-def _upload_limit(runtime: Runtime, fid: str) -> int:
-    return min(runtime.aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
+    An update stored before this request makes it a repeat (200). Two
+    identical uploads racing each other may both be told 201: harmless, the
+    service stores one and both receipts are equal.
+    """
+    aggregator = runtime.aggregator
+    limit = min(aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
+    with aggregator.store.transaction() as tx:
+        repeat = tx.get_update(fid, n, client_id) is not None
+    return limit, repeat
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
@@ -143,14 +143,3 @@ async def _receive(request: Request, staged: StagedBlob) -> None:
             pending.clear()
     if pending:
         await run_in_threadpool(staged.write, bytes(pending))
-
-
-def _submit(
-    aggregator: Aggregator, client_id: str, fid: str, n: int, staged: StagedBlob
-) -> tuple[Receipt, bool]:
-    # A receipt that existed before this request makes it a repeat (200). Two
-    # identical uploads racing each other may both be told 201: harmless, the
-    # service stores one and both receipts are equal.
-    with aggregator.store.transaction() as tx:
-        repeat = tx.get_update(fid, n, client_id) is not None
-    return aggregator.submit_update(client_id, fid, n, staged), repeat

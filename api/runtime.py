@@ -2,11 +2,13 @@
 
 `Runtime.open` is called by the application's lifespan, never at import: it
 migrates the database, opens the blob store, makes sure an admin token
-exists and starts the ticker that applies round deadlines.
+exists, and starts the ticker that applies round deadlines and the change
+feed that wakes held check-ins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -16,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from aggregator import Access, Aggregator, FileBlobStore
 from aggregator.sqlstore import SqlStore
+from api.changes import ChangeFeed
 from api.metrics import Metrics
 from api.settings import Settings
 from fedcore import FedcoreError
@@ -73,10 +76,18 @@ class Runtime:
     aggregator: Aggregator
     metrics: Metrics
     ticker: Ticker
+    changes: ChangeFeed
 
     @classmethod
-    def open(cls, settings: Settings, metrics: Metrics) -> Runtime:
-        """Migrate and open the store, the blobs and the aggregator, and start ticking."""
+    def open(cls, settings: Settings, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> Runtime:
+        """Migrate and open the store, the blobs and the aggregator, and start ticking.
+
+        Args:
+            settings: where the state lives.
+            metrics: the application's metrics.
+            loop: the event loop serving requests, whose held check-ins
+                `changes` wakes.
+        """
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = SqlStore.open(settings.database_url)
         try:
@@ -86,11 +97,14 @@ class Runtime:
             store.close()
             raise
         ticker = Ticker(aggregator, settings.tick_interval_s)
+        changes = ChangeFeed(aggregator, loop)
         ticker.start()
-        return cls(settings, store, aggregator, metrics, ticker)
+        changes.start()
+        return cls(settings, store, aggregator, metrics, ticker, changes)
 
     def close(self) -> None:
-        """Stop the ticker and release the database connections."""
+        """Stop the threads and release the database connections."""
+        self.changes.stop()
         self.ticker.stop()
         self.store.close()
 

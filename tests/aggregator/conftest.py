@@ -8,49 +8,12 @@ search_path), dropped afterwards, so tests neither see nor leave state.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from aggregator import MemoryStore, SqlStore
-
-PG_URL_VARIABLE = "FEDCORE_TEST_DATABASE_URL"
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'fedcore.db'}"
-
-
-@pytest.fixture
-def postgresql_url() -> Iterator[str]:
-    base = os.environ.get(PG_URL_VARIABLE)
-    if not base:
-        pytest.skip(f"PostgreSQL variant: set {PG_URL_VARIABLE} to a PostgreSQL URL to run it")
-    schema = f"fedcore_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(base, poolclass=NullPool)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"{request.param}_url")
-    return url
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

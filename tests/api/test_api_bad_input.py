@@ -359,7 +359,33 @@ INVALID_REQUESTS = [
     ),
 ]
 
-ROWS = BAD_UPDATES + BAD_CREDENTIALS + UNKNOWN_IDS + INVALID_REQUESTS
+OVERSIZED_JSON = b'{"enrollment_token": "' + b"x" * (2 << 20) + b'"}'
+TOO_LARGE = [
+    Row(
+        "json-body-over-limit",
+        lambda a: a.world.http().post("/v1/enroll", content=OVERSIZED_JSON),
+        413,
+        "payload-too-large",
+    ),
+    Row(
+        "json-body-over-limit-chunked",
+        lambda a: a.world.http().post("/v1/enroll", content=iter([OVERSIZED_JSON])),
+        413,
+        "payload-too-large",
+    ),
+    Row(
+        "plain-body-over-limit-on-a-json-route",
+        lambda a: a.world.admin.post(
+            f"/admin/federations/{a.fid}/enrollment-tokens",
+            content=chunked(2 << 20)(),
+            headers={"Content-Type": "text/plain"},
+        ),
+        413,
+        "payload-too-large",
+    ),
+]
+
+ROWS = TOO_LARGE + BAD_UPDATES + BAD_CREDENTIALS + UNKNOWN_IDS + INVALID_REQUESTS
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from liveapi import LiveServer, small_model
 from typer.testing import CliRunner
@@ -155,3 +156,30 @@ def test_fedcore_entry_point_lists_federations_as_json(live: LiveServer, tmp_pat
     assert done.returncode == 0, done.stderr
     assert fid in [f["id"] for f in json.loads(done.stdout)]
     assert live.admin_token not in done.stdout + done.stderr
+
+
+def test_cli_client_trains_until_the_federation_finishes(live: LiveServer) -> None:
+    from clients import digits, to_parameters
+
+    model = to_parameters(digits.make_mlp(seed=0).state_dict(), copy=True)
+    cfg = {"name": "cli client", "rounds": 1, "clients_per_round": 1, "checkin_wait_s": 5}
+    headers = {"Authorization": f"Bearer {live.admin_token}"}
+    with httpx.Client(base_url=live.url, headers=headers) as http:
+        fid = http.post(
+            "/admin/federations",
+            data={"config": json.dumps(cfg)},
+            files={"model": ("m", wire.encode(model))},
+        ).json()["id"]
+        (token,) = http.post(
+            f"/admin/federations/{fid}/enrollment-tokens", json={"count": 1, "ttl_s": 60}
+        ).json()["tokens"]
+        http.post(f"/admin/federations/{fid}/start")
+
+        result = CliRunner().invoke(
+            app, ["client", "--server", live.url, "--enrollment-token", token, "--device", "cpu",
+                  "--wait", "2"],
+        )  # fmt: skip
+
+        assert result.exit_code == 0, result.output
+        assert "round 1: trained on" in result.stdout
+        assert http.get(f"/admin/federations/{fid}").json()["status"] == "finished"

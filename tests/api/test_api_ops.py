@@ -34,6 +34,13 @@ def test_healthz_and_readyz_answer(world: World) -> None:
     assert plain.get("/readyz").json() == {"status": "ready"}
 
 
+def test_openapi_describes_every_route(world: World) -> None:
+    paths = world.http().get("/openapi.json").json()["paths"]
+
+    assert "/v1/federations/{fid}/rounds/{n}/update" in paths
+    assert "multipart/form-data" in paths["/admin/federations"]["post"]["requestBody"]["content"]
+
+
 def test_metrics_count_requests_updates_and_rounds(world: World) -> None:
     fid = world.create_federation(config("metrics", clients_per_round=1))["id"]
     (alice,) = world.training(fid, 1)
