@@ -15,7 +15,7 @@ import uvicorn
 
 from api.app import create_app
 from api.cli_admin import app as admin_app
-from api.cli_simulate import demo, simulate_command
+from api.cli_simulate import demo, digits_model, simulate_command
 from api.settings import Settings
 
 __all__ = ["app", "main"]
@@ -29,6 +29,7 @@ app = typer.Typer(
 app.add_typer(admin_app, name="admin")
 app.command(name="simulate")(simulate_command)
 app.command()(demo)
+app.command(name="digits-model")(digits_model)
 
 
 @app.command()

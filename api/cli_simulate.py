@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # The commands import torch, scikit-learn and matplotlib inside their bodies:
 # `fedcore serve` and `fedcore admin` should not pay for them at start-up.
 
-__all__ = ["demo", "simulate_command"]
+__all__ = ["demo", "digits_model", "simulate_command"]
 
 
 def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-line option
@@ -85,6 +85,20 @@ def demo(
         f"({len(result.reports)} rounds in {result.seconds:.1f} s)\n"
         f"final model: {result.model_path}\nplot: {result.plot_path}"
     )
+
+
+def digits_model(
+    output: Annotated[Path, typer.Argument(help="Where to write the safetensors file.")],
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights.")] = 0,
+) -> None:
+    """Write the initial weights of the digits MLP (64-64-10), to create a federation with."""
+    from clients import to_parameters
+    from clients.digits import make_mlp
+    from fedcore import wire
+
+    params = to_parameters(make_mlp(seed=seed).state_dict(), copy=True)
+    wire.write(params, output)
+    typer.echo(f"wrote {output} ({params.num_parameters} parameters)")
 
 
 def _table(reports: tuple[RoundReport, ...]) -> Table:

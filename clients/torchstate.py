@@ -38,6 +38,12 @@ _SUPPORTED = frozenset(
         torch.bool,
     }
 )
+# The numpy dtype of each torch dtype, looked up: deriving it from the name
+# (`str` of a dtype runs Python code) cost more than the copy of a small tensor.
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {
+    dtype: _BFLOAT16 if dtype == torch.bfloat16 else np.dtype(str(dtype).removeprefix("torch."))
+    for dtype in _SUPPORTED
+}
 
 
 def to_parameters(state_dict: Mapping[str, torch.Tensor], *, copy: bool = False) -> ParameterSet:
@@ -93,11 +99,14 @@ def copy_into(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Array]) 
     Raises:
         TensorMismatch: the names or shapes of `params` differ from `tensors`.
     """
-    _check_names_and_shapes(params, {n: tuple(t.shape) for n, t in tensors.items()})
+    if not _same_layout(tensors, params):
+        _check_names_and_shapes(params, {n: tuple(t.shape) for n, t in tensors.items()})
     with torch.no_grad():
         for name, target in tensors.items():
             source = params[name]
-            if target.device.type == "cpu" and source.dtype == _array_dtype(target):
+            # None is tested apart: numpy reads `dtype == None` as `dtype == float64`.
+            expected = _NUMPY_DTYPES.get(target.dtype)
+            if target.is_cpu and expected is not None and source.dtype == expected:
                 # Copying through numpy reads read-only sources without the
                 # copy (and the warning) that wrapping them in a tensor costs.
                 np.copyto(_view(target), source)
@@ -126,12 +135,6 @@ def _view(tensor: torch.Tensor) -> Array:
     return tensor.numpy()
 
 
-def _array_dtype(tensor: torch.Tensor) -> np.dtype[Any]:
-    if tensor.dtype == torch.bfloat16:
-        return _BFLOAT16
-    return np.dtype(str(tensor.dtype).removeprefix("torch."))
-
-
 def _to_tensor(name: str, array: Array) -> torch.Tensor:
     if not array.flags.writeable or any(s < 0 for s in array.strides):
         array = np.array(array, copy=True)
@@ -143,6 +146,17 @@ def _to_tensor(name: str, array: Array) -> torch.Tensor:
         raise TypeError(
             f"array {name!r} has dtype {array.dtype}, which torch does not support"
         ) from exc
+
+
+def _same_layout(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Array]) -> bool:
+    """Whether `params` has exactly the names and shapes of `tensors` (the fast common case)."""
+    if len(params) != len(tensors):
+        return False
+    for name, tensor in tensors.items():
+        array = params.get(name)
+        if array is None or array.shape != tensor.shape:
+            return False
+    return True
 
 
 def _check_names_and_shapes(

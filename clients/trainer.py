@@ -2,8 +2,8 @@
 
 A trainer turns the round's model into a trained model on the client's own
 data. `TorchTrainer` is built to be called thousands of times in a
-simulation: it keeps one model and one optimizer, loads each round's
-parameters into them in place, and moves its data to the device once.
+simulation: it keeps one model, loads each round's parameters into it in
+place, and moves its data to the device once.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class TorchTrainer:
         self.model = model.to(self.device)
         self._seed = seed
         self._state = self.model.state_dict()
-        self._optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05)
+        self._params: list[torch.Tensor] = list(self.model.parameters())
         self._generator = torch.Generator()
         self._data = _place(data, self.device)
 
@@ -125,10 +125,10 @@ class TorchTrainer:
         if isinstance(self._data, tuple) and len(self._data[1]) == 0:
             return params, UpdateMeta(num_examples=0)
         copy_into(self._state, params)
-        for group in self._optimizer.param_groups:
-            group["lr"] = config.lr
         self._reseed(_round_seed(self._seed, round_number))
-        self.model.train()
+        # Module.train() walks the whole module tree; most calls find it set.
+        if not all(module.training for module in self.model.modules()):
+            self.model.train()
         loss_sum, seen = self._train(config)
         if seen == 0:
             return params, UpdateMeta(num_examples=0)
@@ -164,15 +164,36 @@ class TorchTrainer:
         # would synchronize a GPU after every step.
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
+        for p in self._params:
+            p.grad = None  # gradients left from outside must not enter the first step
         for _ in range(config.local_epochs):
             for x, y in self._batches(batch_size=config.batch_size, shuffle=True):
-                self._optimizer.zero_grad(set_to_none=True)
                 loss = functional.cross_entropy(self.model(x), y)
                 torch.autograd.backward(loss)
-                self._optimizer.step()
+                self._step(config.lr)
                 loss_sum += loss.detach() * len(y)
                 seen += len(y)
         return loss_sum, seen
+
+    def _step(self, lr: float) -> None:
+        """Apply one plain SGD step, `p -= lr * grad`, and drop the gradients.
+
+        The arithmetic of `torch.optim.SGD` without momentum or weight decay
+        (the same kernel, bit for bit), without its cost: its first
+        construction imports torch's compiler stack (about a second of a
+        simulation's cold start), and every step runs its hooks and profiler
+        records, a quarter of a small model's step.
+        """
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for p in self._params:
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+                p.grad = None
+        if params:
+            with torch.no_grad():
+                torch._foreach_add_(params, grads, alpha=-lr)
 
     def _batches(self, *, batch_size: int, shuffle: bool) -> Iterator[TensorData]:
         if isinstance(self._data, DataLoader):
