@@ -6,6 +6,8 @@ recovery after a restart, and an in-process transport for simulation. May
 import fedcore and privacy; never api.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from aggregator.access import Access
 from aggregator.blobs import BlobStore, FileBlobStore, MemoryBlobStore, StagedBlob
 from aggregator.inprocess import InProcessTransport
@@ -22,9 +24,11 @@ from aggregator.records import (
     UpdateRecord,
 )
 from aggregator.service import Aggregator
-from aggregator.sqlstore import SqlStore
 from aggregator.store import Store, Transaction
 from aggregator.tokens import TokenKind
+
+if TYPE_CHECKING:
+    from aggregator.sqlstore import SqlStore
 
 __all__ = [
     "Access",
@@ -49,3 +53,13 @@ __all__ = [
     "Transaction",
     "UpdateRecord",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: SQLAlchemy is slow to import, and simulation and
+    # the in-process transport never need it.
+    if name == "SqlStore":
+        from aggregator.sqlstore import SqlStore
+
+        return SqlStore
+    raise AttributeError(f"module 'aggregator' has no attribute {name!r}")

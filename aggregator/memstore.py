@@ -253,6 +253,10 @@ class MemoryTransaction:
         rows = [updates[federation_id, round_number, c] for c in clients]
         return sorted(rows, key=lambda r: (r.received_at, r.client_id))
 
+    def count_updates(self, federation_id: str, round_number: int) -> int:
+        """Return how many updates a round holds."""
+        return len(self._t.updates_of.get((federation_id, round_number), ()))
+
     def add_model(self, record: ModelRecord) -> None:
         """Insert a model version."""
         t = self._t

@@ -68,14 +68,30 @@ PRESENCE_WINDOW_S = 120.0
 # Check-ins refresh `last_seen` at most this often, to spare the database.
 _TOUCH_EVERY_S = 5.0
 _OPEN = (RoundStatus.SELECTING, RoundStatus.TRAINING)
+# Updates folded together in one pass over the accumulator: `add_many` is
+# several times faster per update than one `add` each (bench/aggregate.py).
+_FOLD_BATCH = 16
+_CACHED_MODELS = 8
 
 
 @dataclass(slots=True)
 class _Running:
-    """A round's in-memory aggregate and the clients already folded into it."""
+    """A round's in-memory aggregate.
+
+    `folded` lists the clients whose updates are in `aggregate`; `pending`
+    holds accepted updates (memory-mapped where the blob store allows) that
+    wait to be folded together with the next ones.
+    """
 
     aggregate: WeightedMean
     folded: set[str] = field(default_factory=set)
+    pending: dict[str, tuple[ParameterSet, float]] = field(default_factory=dict)
+
+    def flush(self) -> None:
+        """Fold every pending update."""
+        self.aggregate.add_many(self.pending.values())
+        self.folded.update(self.pending)
+        self.pending.clear()
 
 
 class Aggregator:
@@ -93,7 +109,7 @@ class Aggregator:
         self._running: dict[tuple[str, int], _Running] = {}
         self._running_lock = threading.Lock()
         self._present: dict[tuple[str, int], set[str]] = {}
-        self._models: dict[str, ParameterSet] = {}
+        self._models: dict[str, tuple[ParameterSet, dict[str, TensorSpec]]] = {}
         self._configs: dict[str, FederationConfig] = {}
 
     # ----------------------------------------------------------- federations
@@ -366,9 +382,11 @@ class Aggregator:
     def _fold(self, record: UpdateRecord, params: ParameterSet) -> None:
         with self._running_lock:
             running = self._running.get((record.federation_id, record.round))
-            if running is not None and record.client_id not in running.folded:
-                running.aggregate.add(params, record.num_examples)
-                running.folded.add(record.client_id)
+            if running is None or record.client_id in running.folded:
+                return
+            running.pending[record.client_id] = (params, float(record.num_examples))
+            if len(running.pending) >= _FOLD_BATCH:
+                running.flush()
 
     def _due(
         self,
@@ -464,19 +482,19 @@ class Aggregator:
 
     def _settle(self, tx: Transaction, fed: FederationRecord, rnd: RoundRecord, now: float) -> bool:
         config = self._config_of(fed)
-        updates = tx.list_updates(fed.id, rnd.number)
-        progress = RoundProgress(len(updates), len(rnd.cohort), now >= rnd.deadline)
+        received = tx.count_updates(fed.id, rnd.number)
+        progress = RoundProgress(received, len(rnd.cohort), now >= rnd.deadline)
         decision = close_decision(config, progress)
         if decision is Closing.KEEP_OPEN:
             return False
         if decision is Closing.FAIL:
-            reason = f"{len(updates)} updates by the deadline, {config.min_clients} needed"
+            reason = f"{received} updates by the deadline, {config.min_clients} needed"
             tx.update_round(
                 fed.id, rnd.number, status=RoundStatus.FAILED, closed_at=now, reason=reason
             )
             self._drop_running(fed.id, rnd.number)
             return True
-        self._close(tx, fed, rnd, updates, now)
+        self._close(tx, fed, rnd, tx.list_updates(fed.id, rnd.number), now)
         return True
 
     def _close(
@@ -510,12 +528,15 @@ class Aggregator:
         self, federation_id: str, number: int, model: ParameterSet, updates: Sequence[UpdateRecord]
     ) -> WeightedMean:
         running = self._drop_running(federation_id, number)
-        if running is None or not running.folded <= {u.client_id for u in updates}:
+        stored = {u.client_id for u in updates}
+        if running is None or not running.folded <= stored:
             running = _Running(FedAvg().begin(model))
+        running.pending = {c: p for c, p in running.pending.items() if c in stored}
         for update in updates:
-            if update.client_id not in running.folded:
+            if update.client_id not in running.folded and update.client_id not in running.pending:
                 params, _ = self.blobs.load(update.sha256)
-                running.aggregate.add(params, update.num_examples)
+                running.pending[update.client_id] = (params, float(update.num_examples))
+        running.flush()
         return running.aggregate
 
     def _drop_running(self, federation_id: str, number: int) -> _Running | None:
@@ -559,16 +580,19 @@ class Aggregator:
         return record
 
     def _model(self, version: str) -> ParameterSet:
-        params = self._models.get(version)
-        if params is None:
-            params, _ = self.blobs.load(version)
-            if len(self._models) >= 8:
-                self._models.pop(next(iter(self._models)))
-            self._models[version] = params
-        return params
+        return self._cached(version)[0]
 
     def _spec(self, version: str) -> dict[str, TensorSpec]:
-        return self._model(version).spec()
+        return self._cached(version)[1]
+
+    def _cached(self, version: str) -> tuple[ParameterSet, dict[str, TensorSpec]]:
+        entry = self._models.get(version)
+        if entry is None:
+            params, _ = self.blobs.load(version)
+            if len(self._models) >= _CACHED_MODELS:
+                self._models.pop(next(iter(self._models)))
+            entry = self._models[version] = (params, params.spec())
+        return entry
 
     def _notify(self) -> None:
         with self._changed:

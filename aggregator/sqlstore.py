@@ -244,6 +244,13 @@ class SqlTransaction:
         )
         return [row.to_record() for row in self._session.scalars(statement)]
 
+    def count_updates(self, federation_id: str, round_number: int) -> int:
+        """Return how many updates a round holds."""
+        statement = select(func.count()).where(
+            UpdateRow.federation_id == federation_id, UpdateRow.round == round_number
+        )
+        return int(self._session.scalar(statement) or 0)
+
     def add_model(self, record: ModelRecord) -> None:
         """Insert a model version."""
         self._insert(ModelRow, ModelRow.columns(record))

@@ -138,6 +138,10 @@ class Transaction(Protocol):
         """Return a round's updates in order of arrival."""
         ...
 
+    def count_updates(self, federation_id: str, round_number: int) -> int:
+        """Return how many updates a round holds."""
+        ...
+
     def add_model(self, record: ModelRecord) -> None:
         """Insert a model version."""
         ...

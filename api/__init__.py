@@ -6,7 +6,24 @@ The FastAPI application (client routes under `/v1`, admin routes under
 other fedcore package; nothing imports it.
 """
 
-from api.app import create_app
-from api.settings import Settings
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from api.app import create_app
+    from api.settings import Settings
 
 __all__ = ["Settings", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: `fedcore simulate` and the demo import api's
+    # submodules and should not pay for FastAPI and SQLAlchemy at start-up.
+    if name == "create_app":
+        from api.app import create_app
+
+        return create_app
+    if name == "Settings":
+        from api.settings import Settings
+
+        return Settings
+    raise AttributeError(f"module 'api' has no attribute {name!r}")

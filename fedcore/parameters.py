@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ Array = npt.NDArray[Any]
 _EXTRA_DTYPES: dict[str, np.dtype[Any]] = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
+@functools.cache
 def as_dtype(name: str) -> np.dtype[Any]:
     """Return the numpy dtype called `name`, bfloat16 included.
 

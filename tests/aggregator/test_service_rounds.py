@@ -297,3 +297,35 @@ def test_restart_mid_round_counts_every_acknowledged_update_once(tmp_path: Path)
     expected = model()["w"] + (0.1 + 0.2 + 0.3) / 3
     np.testing.assert_allclose(final["w"], expected, rtol=1e-6)
     store.close()
+
+
+def test_bfloat16_state_dict_and_int_buffers_survive_a_round_through_the_wire(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    torch = pytest.importorskip("torch")
+    from clients import to_parameters, to_state_dict
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).to(torch.bfloat16)
+    initial = to_parameters(module.state_dict(), copy=True)
+    agg = make_aggregator(Clock())
+    data = wire.encode(initial)
+    staged = agg.blobs.stage(len(data))
+    staged.write(data)
+    config = FederationConfig(name="bf16", rounds=1, clients_per_round=2, min_clients=2, seed=1)
+    fid = agg.create_federation(config, staged).id
+    clients = enroll(agg, fid, 2)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    step = {n: np.ones_like(a) for n, a in initial.items()}
+    for c in clients:
+        InProcessTransport(agg, c).submit_update(
+            fid, 1, ParameterSet(step), UpdateMeta(num_examples=3)
+        )
+    final = agg.load_model(fid, agg.get_federation(fid).model_version)
+    state = to_state_dict(final)
+    assert state["0.weight"].dtype == torch.bfloat16
+    assert state["1.num_batches_tracked"].dtype == torch.int64
+    assert int(state["1.num_batches_tracked"]) == int(initial["1.num_batches_tracked"]) + 1
+    expected = initial["0.weight"].astype(np.float64) + 1.0
+    np.testing.assert_allclose(final["0.weight"].astype(np.float64), expected, rtol=1e-2)

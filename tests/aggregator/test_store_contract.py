@@ -295,7 +295,9 @@ def test_updates_round_trip_metrics_and_list_in_order_of_arrival(store: AnyStore
         got = tx.get_update("f1", 1, "c0")
         arrivals = [u.client_id for u in tx.list_updates("f1", 1)]
         second = tx.list_updates("f1", 2)
+        counts = [tx.count_updates("f1", n) for n in (1, 2, 3)]
     assert got == update("c0", received_at=210.0)
+    assert counts == [3, 1, 0]
     assert got is not None
     assert got.metrics == {"loss": 0.25, "accuracy": 0.5}
     assert arrivals == ["c0", "c1", "c2"]
