@@ -33,11 +33,13 @@ def sample_cohort(
 ) -> tuple[str, ...]:
     """Sample `size` distinct clients uniformly without replacement.
 
-    The generator is seeded by (federation seed, round number), and the
-    candidates are sorted first, so a round's cohort depends only on who was
-    checked in, not on the order in which they arrived.
+    The generator is seeded by (federation seed, round number) and draws
+    positions in `candidates`, which the caller passes in a canonical order
+    (the service uses enrollment order): a round's cohort then depends only on
+    who was checked in, not on the order of their check-ins, and a simulation
+    that enrolls its clients in the same order samples the same cohorts.
     """
-    pool = sorted(candidates)
+    pool = list(candidates)
     size = min(size, len(pool))
     rng = np.random.default_rng([seed, round_number])
     picks = rng.choice(len(pool), size=size, replace=False)

@@ -131,6 +131,9 @@ def simulate(
         federation_id=federation_id,
         seed=config.seed,
     )
+    # Every client checks in once before the first round opens, so round 1
+    # samples from the whole fleet rather than from the first to arrive.
+    fleet.step_all()
     aggregator.start(federation_id)
     reports = _drive(aggregator, fleet, federation_id, Evaluator(split), on_round)
     final = aggregator.get_federation(federation_id).model_version
