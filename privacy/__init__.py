@@ -1,7 +1,10 @@
 """privacy: secure aggregation and differential privacy.
 
-Pure state machines and value-in, value-out functions (SecAgg+ client and
-server halves, clipping, noise, accounting). May import fedcore only.
+Pure state machines and value-in, value-out functions: differential privacy
+(`privacy.dp`: clipping, noise, accounting, budgets, distributed encoding,
+DP-SGD) and secure aggregation. May import fedcore only.
 """
 
-__all__: list[str] = []
+from privacy import dp
+
+__all__ = ["dp"]
