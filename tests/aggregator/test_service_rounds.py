@@ -100,6 +100,16 @@ def enroll(agg: Aggregator, federation_id: str, count: int) -> list[str]:
     return [agg.access.enroll(t).client_id for t in tokens]
 
 
+def running_round(agg: Aggregator, count: int, **overrides: object) -> tuple[str, list[str]]:
+    """Create, enroll `count` clients, start, and check everyone in: round 1 is training."""
+    fid = create(agg, **overrides)
+    clients = enroll(agg, fid, count)
+    agg.start(fid)
+    for c in clients:
+        InProcessTransport(agg, c).fetch_task(fid)
+    return fid, clients
+
+
 def submit(agg: Aggregator, fid: str, client: str, number: int, delta: ParameterSet) -> None:
     meta = UpdateMeta(num_examples=10, metrics={"train_loss": 1.0})
     InProcessTransport(agg, client).submit_update(fid, number, delta, meta)
@@ -140,11 +150,7 @@ def test_repeat_upload_returns_original_receipt_and_different_content_conflicts(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
     agg = make_aggregator(Clock())
-    fid = create(agg)
-    clients = enroll(agg, fid, 3)
-    agg.start(fid)
-    for c in clients:
-        InProcessTransport(agg, c).fetch_task(fid)
+    fid, clients = running_round(agg, 3)
     transport = InProcessTransport(agg, clients[0])
     meta = UpdateMeta(num_examples=4)
     first = transport.submit_update(fid, 1, delta_for(0, 1), meta)
@@ -161,11 +167,7 @@ def test_round_fails_at_deadline_without_minimum_and_next_round_opens(
 ) -> None:
     clock = Clock()
     agg = make_aggregator(clock)
-    fid = create(agg, rounds=1)
-    clients = enroll(agg, fid, 3)
-    agg.start(fid)
-    for c in clients:
-        InProcessTransport(agg, c).fetch_task(fid)
+    fid, clients = running_round(agg, 3, rounds=1)
     submit(agg, fid, clients[0], 1, delta_for(0, 1))
     clock.now += 31
     agg.tick()
@@ -182,11 +184,7 @@ def test_round_closes_at_deadline_with_minimum(
 ) -> None:
     clock = Clock()
     agg = make_aggregator(clock)
-    fid = create(agg, rounds=1)
-    clients = enroll(agg, fid, 3)
-    agg.start(fid)
-    for c in clients:
-        InProcessTransport(agg, c).fetch_task(fid)
+    fid, clients = running_round(agg, 3, rounds=1)
     submit(agg, fid, clients[0], 1, delta_for(0, 1))
     submit(agg, fid, clients[1], 1, delta_for(1, 1))
     assert agg.get_round(fid, 1).status is RoundStatus.TRAINING
@@ -201,11 +199,9 @@ def test_over_selection_closes_after_enough_updates_and_refuses_stragglers(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
     agg = make_aggregator(Clock())
-    fid = create(agg, rounds=1, clients_per_round=2, min_clients=1, over_selection=0.5)
-    clients = enroll(agg, fid, 5)
-    agg.start(fid)
-    for c in clients:
-        InProcessTransport(agg, c).fetch_task(fid)
+    fid, _ = running_round(
+        agg, 5, rounds=1, clients_per_round=2, min_clients=1, over_selection=0.5
+    )
     cohort = agg.get_round(fid, 1).cohort
     assert len(cohort) == 3
     assert len(set(cohort)) == 3
@@ -239,11 +235,7 @@ def test_zero_example_updates_are_counted_with_weight_zero(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
     agg = make_aggregator(Clock())
-    fid = create(agg, rounds=1, clients_per_round=2)
-    clients = enroll(agg, fid, 2)
-    agg.start(fid)
-    for c in clients:
-        InProcessTransport(agg, c).fetch_task(fid)
+    fid, clients = running_round(agg, 2, rounds=1, clients_per_round=2)
     zero = ParameterSet({"w": np.zeros((2, 3), np.float32), "steps": np.array(0, np.int64)})
     InProcessTransport(agg, clients[0]).submit_update(fid, 1, zero, UpdateMeta(num_examples=0))
     InProcessTransport(agg, clients[1]).submit_update(fid, 1, zero, UpdateMeta(num_examples=0))
@@ -277,11 +269,7 @@ def test_restart_mid_round_counts_every_acknowledged_update_once(tmp_path: Path)
     clock = Clock()
     store = SqlStore.open(url)
     agg = Aggregator(store, FileBlobStore(tmp_path / "blobs"), clock=clock)
-    fid = create(agg, rounds=1)
-    clients = enroll(agg, fid, 3)
-    agg.start(fid)
-    for c in clients:
-        InProcessTransport(agg, c).fetch_task(fid)
+    fid, clients = running_round(agg, 3, rounds=1)
     submit(agg, fid, clients[0], 1, delta_for(0, 1))
     submit(agg, fid, clients[1], 1, delta_for(1, 1))
     store.close()
