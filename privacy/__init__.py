@@ -2,9 +2,10 @@
 
 Pure state machines and value-in, value-out functions: differential privacy
 (`privacy.dp`: clipping, noise, accounting, budgets, distributed encoding,
-DP-SGD) and secure aggregation. May import fedcore only.
+DP-SGD) and secure aggregation (`privacy.secagg`: the SecAgg+ client and
+server halves as pure state machines). May import fedcore only.
 """
 
-from privacy import dp
+from privacy import dp, secagg
 
-__all__ = ["dp"]
+__all__ = ["dp", "secagg"]
