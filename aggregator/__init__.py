@@ -2,16 +2,19 @@
 
 Federations, rounds and their stages, client selection, persistence
 (SQLAlchemy stores, a content-addressed blob store), streaming aggregation,
-recovery after a restart, and an in-process transport for simulation. May
-import fedcore and privacy; never api.
+central differential privacy (Poisson cohorts, the privacy budget, noisy
+rounds), recovery after a restart, and an in-process transport for
+simulation. May import fedcore and privacy; never api.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from aggregator.access import Access
 from aggregator.blobs import BlobStore, FileBlobStore, MemoryBlobStore, StagedBlob
+from aggregator.config import FederationSettings, parse_settings
 from aggregator.inprocess import InProcessTransport
 from aggregator.memstore import MemoryStore
+from aggregator.privacy import PrivacyReport, RoundEpsilon
 from aggregator.records import (
     AdminTokenRecord,
     ClientRecord,
@@ -19,6 +22,7 @@ from aggregator.records import (
     FederationRecord,
     FederationStatus,
     ModelRecord,
+    RoundPrivacy,
     RoundRecord,
     RoundStatus,
     UpdateRecord,
@@ -38,12 +42,16 @@ __all__ = [
     "ClientRecord",
     "EnrollmentTokenRecord",
     "FederationRecord",
+    "FederationSettings",
     "FederationStatus",
     "FileBlobStore",
     "InProcessTransport",
     "MemoryBlobStore",
     "MemoryStore",
     "ModelRecord",
+    "PrivacyReport",
+    "RoundEpsilon",
+    "RoundPrivacy",
     "RoundRecord",
     "RoundStatus",
     "SqlStore",
@@ -52,6 +60,7 @@ __all__ = [
     "TokenKind",
     "Transaction",
     "UpdateRecord",
+    "parse_settings",
 ]
 
 

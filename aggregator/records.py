@@ -7,8 +7,12 @@ Timestamps are POSIX seconds (UTC), so deadlines survive a restart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
+
+from privacy.dp import PrivacyEvent, dump_events, load_events
 
 __all__ = [
     "AdminTokenRecord",
@@ -17,6 +21,7 @@ __all__ = [
     "FederationRecord",
     "FederationStatus",
     "ModelRecord",
+    "RoundPrivacy",
     "RoundRecord",
     "RoundStatus",
     "UpdateRecord",
@@ -31,6 +36,8 @@ class FederationStatus(StrEnum):
     PAUSED = "paused"
     FINISHED = "finished"
     STOPPED = "stopped"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    """A DP federation whose next round would spend more than its privacy budget."""
 
 
 class RoundStatus(StrEnum):
@@ -90,12 +97,73 @@ class AdminTokenRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class RoundPrivacy:
+    """What a differentially private round must keep to be accounted after a restart.
+
+    Attributes:
+        population: N, the enrolled clients the cohort was Poisson-sampled
+            from; the noisy sum is divided by q·N.
+        clip_norm: C, the L2 norm updates are clipped to in this round.
+        seeded: whether the round's sampling and noise came from a fixed seed
+            (tests, simulation): such a round gives no privacy.
+        events: the accounting events the round released (one once it
+            closed; none while it runs, and none ever for a failed round).
+        next_clip_norm: the clip norm of the next round (adaptive clipping
+            moves it); None until the round closed.
+        noisy_fraction: adaptive clipping's noisy fraction of unclipped
+            updates (itself DP), else None.
+
+    Raises:
+        ValueError: a count is negative or a norm or fraction is not finite.
+    """
+
+    population: int
+    clip_norm: float
+    seeded: bool
+    events: tuple[PrivacyEvent, ...] = ()
+    next_clip_norm: float | None = None
+    noisy_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here, so the memory store refuses what JSON columns cannot hold.
+        if self.population < 0:
+            raise ValueError(f"population must be >= 0, got {self.population}")
+        norms = (self.clip_norm, self.next_clip_norm, self.noisy_fraction)
+        if not all(value is None or math.isfinite(value) for value in norms):
+            raise ValueError(f"clip norms and noisy_fraction must be finite, got {norms}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the value as a JSON-able dict (floats round-trip exactly)."""
+        return {
+            "population": self.population,
+            "clip_norm": self.clip_norm,
+            "seeded": self.seeded,
+            "events": dump_events(self.events),
+            "next_clip_norm": self.next_clip_norm,
+            "noisy_fraction": self.noisy_fraction,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundPrivacy:
+        """Rebuild a value from `to_json` output."""
+        return cls(
+            population=int(data["population"]),
+            clip_norm=float(data["clip_norm"]),
+            seeded=bool(data["seeded"]),
+            events=tuple(load_events(data["events"])),
+            next_clip_norm=data["next_clip_norm"],
+            noisy_fraction=data["noisy_fraction"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RoundRecord:
     """One round of a federation.
 
     `cohort` lists the sampled client ids in sampling order; `metrics` holds
     the aggregated client metrics once the round closed; `reason` says why a
-    round failed.
+    round failed; `privacy` is set for rounds of a differentially private
+    federation only.
     """
 
     federation_id: str
@@ -109,6 +177,7 @@ class RoundRecord:
     result_version: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
+    privacy: RoundPrivacy | None = None
 
 
 @dataclass(frozen=True, slots=True)

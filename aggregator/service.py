@@ -24,11 +24,23 @@ from typing import IO
 
 from aggregator.access import Access, client_of
 from aggregator.blobs import BlobStore, StagedBlob
+from aggregator.config import FederationSettings, resolve_settings
+from aggregator.privacy import (
+    PrivacyReport,
+    budget_allows,
+    check_population,
+    close_private,
+    enrolled_clients,
+    privacy_report,
+    release_round,
+    select_private,
+)
 from aggregator.records import (
     ClientRecord,
     FederationRecord,
     FederationStatus,
     ModelRecord,
+    RoundPrivacy,
     RoundRecord,
     RoundStatus,
     UpdateRecord,
@@ -68,6 +80,8 @@ PRESENCE_WINDOW_S = 120.0
 # Check-ins refresh `last_seen` at most this often, to spare the database.
 _TOUCH_EVERY_S = 5.0
 _OPEN = (RoundStatus.SELECTING, RoundStatus.TRAINING)
+# A federation in one of these states runs no more rounds, ever.
+_ENDED = (FederationStatus.FINISHED, FederationStatus.STOPPED, FederationStatus.BUDGET_EXHAUSTED)
 # Updates folded together in one pass over the accumulator: `add_many` is
 # several times faster per update than one `add` each (bench/aggregate.py).
 _FOLD_BATCH = 16
@@ -110,18 +124,23 @@ class Aggregator:
         self._running_lock = threading.Lock()
         self._present: dict[tuple[str, int], set[str]] = {}
         self._models: dict[str, tuple[ParameterSet, dict[str, TensorSpec]]] = {}
-        self._configs: dict[str, FederationConfig] = {}
+        self._configs: dict[str, FederationSettings] = {}
 
     # ----------------------------------------------------------- federations
 
     def create_federation(self, config: FederationConfig, model: StagedBlob) -> FederationRecord:
         """Create a federation from its config and a staged initial model.
 
+        A `FederationSettings` with `dp` is checked and its noise multiplier
+        calibrated here (see `aggregator.config.resolve_settings`).
+
         Raises:
+            ConfigError: the DP settings are invalid, listing every problem.
             WireFormatError: the model is not valid safetensors.
             NonFiniteUpdate: the model holds NaN or Inf.
         """
         try:
+            config = resolve_settings(config)
             params, _ = model.load()
             wire.check_finite(params)
             version = model.commit()
@@ -158,17 +177,17 @@ class Aggregator:
         with self.store.transaction() as tx:
             return tx.list_federations()
 
-    def config(self, federation_id: str) -> FederationConfig:
+    def config(self, federation_id: str) -> FederationSettings:
         """Return a federation's validated configuration."""
         cached = self._configs.get(federation_id)
         return cached if cached is not None else self._config_of(self.get_federation(federation_id))
 
-    def _config_of(self, fed: FederationRecord) -> FederationConfig:
+    def _config_of(self, fed: FederationRecord) -> FederationSettings:
         # Parses the record in hand: called inside a transaction, a fresh read
         # would open a second one, and on SQLite wait for the first one's lock.
         cached = self._configs.get(fed.id)
         if cached is None:
-            cached = FederationConfig.model_validate_json(fed.config_json)
+            cached = FederationSettings.model_validate_json(fed.config_json)
             self._configs[fed.id] = cached
         return cached
 
@@ -177,12 +196,17 @@ class Aggregator:
 
         Raises:
             FederationStateError: the federation has already ended.
+            ConfigError: a DP federation does not fit its enrolled clients
+                (none enrolled, or δ not below 1/N).
         """
         now = self._clock()
         with self.store.transaction() as tx:
             fed = _locked(tx, federation_id)
-            if fed.status in (FederationStatus.FINISHED, FederationStatus.STOPPED):
+            if fed.status in _ENDED:
                 raise FederationStateError(f"federation {federation_id} has {fed.status}")
+            dp = self._config_of(fed).dp
+            if dp is not None:
+                check_population(dp, len(enrolled_clients(tx, fed.id)))
             fed = tx.update_federation(federation_id, status=FederationStatus.RUNNING)
             self._restart_deadline(tx, fed, now)
             fed = self._advance(tx, fed, now)
@@ -204,7 +228,7 @@ class Aggregator:
         now = self._clock()
         with self.store.transaction() as tx:
             fed = _locked(tx, federation_id)
-            if fed.status in (FederationStatus.FINISHED, FederationStatus.STOPPED):
+            if fed.status in _ENDED:
                 return fed
             rnd = _current_round(tx, fed)
             if rnd is not None and rnd.status in _OPEN:
@@ -233,6 +257,17 @@ class Aggregator:
         if rnd is None:
             raise NotFound(f"federation {federation_id} has no round {number}")
         return rnd
+
+    def privacy(self, federation_id: str) -> PrivacyReport:
+        """Return a federation's privacy: settings, ε spent (from the stored events), ε per round.
+
+        Raises:
+            NotFound: unknown federation.
+        """
+        with self.store.transaction() as tx:
+            fed = _federation(tx, federation_id)
+            rounds = tx.list_rounds(federation_id)
+        return privacy_report(fed, self._config_of(fed).dp, rounds)
 
     def list_clients(self, federation_id: str) -> Sequence[ClientRecord]:
         """Return a federation's enrolled clients."""
@@ -441,9 +476,13 @@ class Aggregator:
 
     def _open_next(self, tx: Transaction, fed: FederationRecord, now: float) -> FederationRecord:
         config = self._config_of(fed)
-        closed = sum(1 for r in tx.list_rounds(fed.id) if r.status is RoundStatus.CLOSED)
+        rounds = tx.list_rounds(fed.id)
+        closed = sum(1 for r in rounds if r.status is RoundStatus.CLOSED)
         if closed >= config.rounds:
             return tx.update_federation(fed.id, status=FederationStatus.FINISHED)
+        # Before the cohort is sampled: a round that would overshoot never starts.
+        if config.dp is not None and not budget_allows(config.dp, rounds):
+            return tx.update_federation(fed.id, status=FederationStatus.BUDGET_EXHAUSTED)
         number = fed.current_round + 1
         tx.add_round(
             RoundRecord(
@@ -459,6 +498,9 @@ class Aggregator:
 
     def _select(self, tx: Transaction, fed: FederationRecord, rnd: RoundRecord, now: float) -> bool:
         config = self._config_of(fed)
+        if config.dp is not None:
+            deadline = now + config.round_timeout_s
+            return select_private(tx, rnd, config.dp, deadline=deadline)
         clients = [c for c in tx.list_clients(fed.id) if not c.revoked]
         present = [c.id for c in clients if c.last_seen >= now - PRESENCE_WINDOW_S]
         target = selection_target(config, len(clients))
@@ -484,7 +526,8 @@ class Aggregator:
         config = self._config_of(fed)
         received = tx.count_updates(fed.id, rnd.number)
         progress = RoundProgress(received, len(rnd.cohort), now >= rnd.deadline)
-        decision = close_decision(config, progress)
+        private = config.dp is not None
+        decision = close_private(progress) if private else close_decision(config, progress)
         if decision is Closing.KEEP_OPEN:
             return False
         if decision is Closing.FAIL:
@@ -505,11 +548,12 @@ class Aggregator:
         updates: Sequence[UpdateRecord],
         now: float,
     ) -> None:
-        config = self._config_of(fed)
-        model = self._model(rnd.model_version)
-        aggregate = self._complete_aggregate(fed.id, rnd.number, model, updates)
-        new = FedAvg(server_lr=config.server_lr).finish(model, aggregate)
+        new, changes = self._result(tx, fed, rnd, updates)
         meta = {"fedcore.federation": fed.id, "fedcore.round": str(rnd.number)}
+        privacy = changes.get("privacy")
+        if isinstance(privacy, RoundPrivacy) and privacy.seeded:
+            # Seeded noise gives no privacy: the model file itself says so.
+            meta["fedcore.dp_seeded"] = "true"
         data = wire.encode(new, meta)
         version = self.blobs.put(data)
         if tx.get_model(fed.id, version) is None:
@@ -520,9 +564,30 @@ class Aggregator:
             status=RoundStatus.CLOSED,
             closed_at=now,
             result_version=version,
-            metrics=_round_metrics(updates),
+            **changes,
         )
         tx.update_federation(fed.id, model_version=version)
+
+    def _result(
+        self,
+        tx: Transaction,
+        fed: FederationRecord,
+        rnd: RoundRecord,
+        updates: Sequence[UpdateRecord],
+    ) -> tuple[ParameterSet, dict[str, object]]:
+        """Return the round's next model and the round fields that go with it."""
+        config = self._config_of(fed)
+        model = self._model(rnd.model_version)
+        metrics = _round_metrics(updates)
+        if config.dp is None:
+            aggregate = self._complete_aggregate(fed.id, rnd.number, model, updates)
+            new = FedAvg(server_lr=config.server_lr).finish(model, aggregate)
+            return new, {"metrics": metrics}
+        # Streamed from the blobs one update at a time: O(P) memory.
+        deltas = ((self.blobs.load(u.sha256)[0], float(u.num_examples)) for u in updates)
+        release = release_round(config, model, deltas, rnd=rnd, rounds=tx.list_rounds(fed.id))
+        metrics["epsilon"] = release.epsilon
+        return release.model, {"metrics": metrics, "privacy": release.privacy}
 
     def _complete_aggregate(
         self, federation_id: str, number: int, model: ParameterSet, updates: Sequence[UpdateRecord]
@@ -553,7 +618,7 @@ class Aggregator:
         tx.update_round(fed.id, rnd.number, deadline=max(rnd.deadline, deadline))
 
     def _task(self, fed: FederationRecord, rnd: RoundRecord | None, client_id: str) -> Task:
-        if fed.status in (FederationStatus.FINISHED, FederationStatus.STOPPED):
+        if fed.status in _ENDED:
             return Task(action=TaskAction.FINISHED, federation_id=fed.id)
         wait = Task(action=TaskAction.WAIT, federation_id=fed.id, retry_after_s=1.0)
         if fed.status is not FederationStatus.RUNNING or rnd is None:

@@ -34,6 +34,7 @@ from aggregator.records import (
     FederationRecord,
     FederationStatus,
     ModelRecord,
+    RoundPrivacy,
     RoundRecord,
     RoundStatus,
     UpdateRecord,
@@ -249,6 +250,8 @@ class RoundRow(Base):
     result_version: Mapped[str | None] = mapped_column(HASH)
     metrics: Mapped[dict[str, float]] = mapped_column(JSON)
     reason: Mapped[str | None] = mapped_column(Text)
+    # NULL (not JSON null) for the rounds of federations without DP.
+    privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
     __table_args__ = (CheckConstraint("number >= 0", name="number_nonnegative"),)
 
@@ -267,6 +270,7 @@ class RoundRow(Base):
             "result_version": record.result_version,
             "metrics": finite_metrics(record.metrics),
             "reason": record.reason,
+            "privacy": None if record.privacy is None else record.privacy.to_json(),
         }
 
     def to_record(self) -> RoundRecord:
@@ -283,6 +287,7 @@ class RoundRow(Base):
             result_version=self.result_version,
             metrics=dict(self.metrics),
             reason=self.reason,
+            privacy=None if self.privacy is None else RoundPrivacy.from_json(self.privacy),
         )
 
 

@@ -144,6 +144,12 @@ def rounds(ctx: typer.Context, fid: FedArg, json_output: JsonOpt = False) -> Non
 
 
 @app.command()
+def privacy(ctx: typer.Context, fid: FedArg, json_output: JsonOpt = False) -> None:
+    """Show a federation's privacy budget, the epsilon spent, and epsilon after each round."""
+    _show(_get(ctx, f"{_fed(fid)}/privacy"), json_output, _privacy_table)
+
+
+@app.command()
 def clients(ctx: typer.Context, fid: FedArg, json_output: JsonOpt = False) -> None:
     """List a federation's enrolled clients."""
     _show(_get(ctx, f"{_fed(fid)}/clients"), json_output, _clients_table)
@@ -335,6 +341,32 @@ def _rounds_table(rnds: list[dict[str, Any]]) -> Table:
         for r in rnds
     ]  # fmt: skip
     return _table("rounds", columns, rows)
+
+
+def _privacy_table(report: dict[str, Any]) -> Table:
+    title = f"privacy of {report['federation_id']}"
+    if report["mode"] is None:
+        rows = [("status", report["status"]), ("mode", "none: no differential privacy")]
+        return _table(title, ("field", "value"), rows)
+    rows = [
+        ("status", report["status"]),
+        ("mode", report["mode"]),
+        ("epsilon spent", f"{report['epsilon_spent']:.6g} of {report['epsilon_target']:g}"),
+        ("delta", f"{report['delta']:g}"),
+        ("noise multiplier", f"{report['noise_multiplier']:.6g}"),
+        ("sampling rate", f"{report['sampling_rate']:g}"),
+        ("clip norm", f"{report['clip_norm']:.6g}"),
+        ("accountant", report["accountant"]),
+        ("noise", "SEEDED: reproducible, NOT private" if report["seeded"] else "secure"),
+    ]
+    rows += [
+        (
+            f"after round {r['round']}",
+            f"epsilon {r['epsilon']:.6g} (clip norm {r['clip_norm']:.4g})",
+        )
+        for r in report["rounds"]
+    ]
+    return _table(title, ("field", "value"), rows)
 
 
 def _clients_table(items: list[dict[str, Any]]) -> Table:

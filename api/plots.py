@@ -1,7 +1,8 @@
-"""PNG plots of a federation's history: test accuracy and train loss per round."""
+"""PNG plots of a federation's history: test accuracy, train loss and ε per round."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,11 @@ __all__ = ["plot_history"]
 
 
 def plot_history(reports: Sequence[RoundReport], path: Path, *, title: str) -> Path:
-    """Write accuracy and loss per round to a PNG file and return its path."""
+    """Write accuracy and loss (and ε, for a DP federation) per round to a PNG file.
+
+    Returns:
+        `path`.
+    """
     # Imported here: matplotlib is slow to import and only plotting needs it.
     import matplotlib as mpl
 
@@ -20,14 +25,20 @@ def plot_history(reports: Sequence[RoundReport], path: Path, *, title: str) -> P
     from matplotlib.ticker import MaxNLocator
 
     rounds = [r.round for r in reports]
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    private = any(math.isfinite(r.epsilon) for r in reports)
+    panels = 3 if private else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
+    acc_ax, loss_ax = axes[0], axes[1]
     acc_ax.plot(rounds, [r.accuracy for r in reports], marker="o", color="tab:blue")
     acc_ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="Test accuracy")
-    acc_ax.grid(alpha=0.3)
     loss_ax.plot(rounds, [r.train_loss for r in reports], marker="o", color="tab:red")
     loss_ax.set(xlabel="round", ylabel="train loss", title="Train loss (client mean)")
-    loss_ax.grid(alpha=0.3)
-    for ax in (acc_ax, loss_ax):
+    if private:
+        eps_ax = axes[2]
+        eps_ax.plot(rounds, [r.epsilon for r in reports], marker="o", color="tab:green")
+        eps_ax.set(xlabel="round", ylabel="ε spent", title="Privacy spent (ε)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,19 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
+from aggregator import FederationSettings, parse_settings
 from api.deps import AdminDep, AggregatorDep, RuntimeDep
 from api.download import model_response
-from api.schemas import ClientOut, FederationOut, ModelOut, RoundOut, TokensIn, TokensOut
-from fedcore import ConfigError, FederationConfig, PayloadTooLarge, parse_config, wire
+from api.schemas import (
+    ClientOut,
+    FederationOut,
+    ModelOut,
+    PrivacyOut,
+    RoundOut,
+    TokensIn,
+    TokensOut,
+)
+from fedcore import ConfigError, PayloadTooLarge, wire
 
 __all__ = ["router"]
 
@@ -33,7 +42,10 @@ _CREATE_BODY = {
                 "type": "object",
                 "required": ["config", "model"],
                 "properties": {
-                    "config": {"type": "string", "description": "FederationConfig as JSON"},
+                    "config": {
+                        "type": "string",
+                        "description": "FederationConfig as JSON, with an optional `dp` section",
+                    },
                     "model": {"type": "string", "format": "binary"},
                 },
             }
@@ -111,6 +123,16 @@ def get_round(fid: str, n: int, _admin: AdminDep, aggregator: AggregatorDep) -> 
     return RoundOut.of(aggregator.get_round(fid, n))
 
 
+@router.get("/federations/{fid}/privacy")
+def get_privacy(fid: str, _admin: AdminDep, aggregator: AggregatorDep) -> PrivacyOut:
+    """Show a federation's privacy budget, the ε spent and the ε after each round.
+
+    The ε spent is recomputed from the accounting events stored with the
+    rounds. A federation without differential privacy answers `mode` null.
+    """
+    return PrivacyOut.of(aggregator.privacy(fid))
+
+
 @router.get("/federations/{fid}/clients")
 def list_clients(fid: str, _admin: AdminDep, aggregator: AggregatorDep) -> list[ClientOut]:
     """List a federation's enrolled clients."""
@@ -177,9 +199,9 @@ async def _text(field: str | UploadFile) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _parse_config_text(text: str) -> FederationConfig:
+def _parse_config_text(text: str) -> FederationSettings:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError([f"config: not valid JSON ({exc})"]) from None
-    return parse_config(data)
+    return parse_settings(data)

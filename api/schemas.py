@@ -18,9 +18,11 @@ from aggregator import (
     FederationRecord,
     FederationStatus,
     ModelRecord,
+    PrivacyReport,
     RoundRecord,
     RoundStatus,
 )
+from privacy.dp import AccountantKind, DpMode
 
 __all__ = [
     "ClientOut",
@@ -28,6 +30,8 @@ __all__ = [
     "FederationOut",
     "HealthOut",
     "ModelOut",
+    "PrivacyOut",
+    "RoundEpsilonOut",
     "RoundOut",
     "TokensIn",
     "TokensOut",
@@ -139,6 +143,59 @@ class ModelOut(_Out):
             round=record.round,
             size_bytes=record.size_bytes,
             created_at=record.created_at,
+        )
+
+
+class RoundEpsilonOut(_Out):
+    """The ε a federation had spent once a round was released, and the round's clip norm."""
+
+    round: int
+    epsilon: float
+    clip_norm: float
+
+
+class PrivacyOut(_Out):
+    """A federation's differential privacy: budget, noise, ε spent and ε after each round.
+
+    Every field but `federation_id`, `status` and `rounds` is null for a
+    federation without differential privacy (`mode` null).
+    """
+
+    federation_id: str
+    status: FederationStatus
+    mode: DpMode | None = None
+    epsilon_target: float | None = None
+    delta: float | None = None
+    epsilon_spent: float | None = None
+    noise_multiplier: float | None = None
+    sampling_rate: float | None = None
+    clip_norm: float | None = None
+    accountant: AccountantKind | None = None
+    seeded: bool | None = None
+    rounds: list[RoundEpsilonOut] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, report: PrivacyReport) -> PrivacyOut:
+        """Describe `report`."""
+        dp = report.dp
+        if dp is None:
+            return cls(federation_id=report.federation_id, status=report.status)
+        return cls(
+            federation_id=report.federation_id,
+            status=report.status,
+            mode=dp.mode,
+            epsilon_target=dp.epsilon,
+            delta=dp.delta,
+            epsilon_spent=report.epsilon_spent,
+            noise_multiplier=dp.noise_multiplier,
+            sampling_rate=dp.sampling_rate,
+            clip_norm=report.clip_norm,
+            accountant=dp.accountant,
+            seeded=dp.noise_seed is not None,
+            rounds=[
+                RoundEpsilonOut(round=r.round, epsilon=r.epsilon, clip_norm=r.clip_norm)
+                for r in report.rounds
+            ],
         )
 
 

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from aggregator.sqlstore import ALEMBIC_INI, SqlStore
 from aggregator.tables import Base
@@ -99,5 +99,44 @@ def test_two_processes_migrating_at_once_both_succeed(
     store = SqlStore(database_url)
     try:
         assert schema_differences(store) == []
+    finally:
+        store.close()
+
+
+def test_upgrade_to_0002_keeps_existing_rounds_without_privacy(database_url: str) -> None:
+    store = SqlStore(database_url)
+    config = Config(str(ALEMBIC_INI))
+    try:
+        with store.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+            connection.execute(
+                text(
+                    "INSERT INTO federations (id, name, config_json, status, model_version, "
+                    "current_round, created_at) VALUES ('f1', 'old', '{}', 'running', 'm0', 1, 1.0)"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO rounds (federation_id, number, status, model_version, opened_at, "
+                    "deadline, cohort, metrics) VALUES ('f1', 1, 'closed', 'm0', 1.0, 2.0, '[]', "
+                    "'{\"clients\": 2.0}')"
+                )
+            )
+        store.migrate()
+        with store.transaction() as tx:
+            old = tx.get_round("f1", 1)
+            tx.update_federation("f1", status="budget_exhausted")
+        assert old is not None
+        assert old.privacy is None
+        assert old.metrics == {"clients": 2.0}
+        assert schema_differences(store) == []
+        with store.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0001")
+        with store.engine.connect() as connection:
+            columns = {c["name"] for c in inspect(connection).get_columns("rounds")}
+        assert "privacy" not in columns
+        assert "metrics" in columns
     finally:
         store.close()

@@ -199,9 +199,7 @@ def test_over_selection_closes_after_enough_updates_and_refuses_stragglers(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
     agg = make_aggregator(Clock())
-    fid, _ = running_round(
-        agg, 5, rounds=1, clients_per_round=2, min_clients=1, over_selection=0.5
-    )
+    fid, _ = running_round(agg, 5, rounds=1, clients_per_round=2, min_clients=1, over_selection=0.5)
     cohort = agg.get_round(fid, 1).cohort
     assert len(cohort) == 3
     assert len(set(cohort)) == 3

@@ -28,12 +28,14 @@ from aggregator.records import (
     FederationRecord,
     FederationStatus,
     ModelRecord,
+    RoundPrivacy,
     RoundRecord,
     RoundStatus,
     UpdateRecord,
 )
 from aggregator.store import Store, Transaction
 from fedcore.errors import NotFound
+from privacy.dp import GaussianEvent
 
 AnyStore = MemoryStore | SqlStore
 
@@ -282,6 +284,55 @@ def test_update_round_closes_it_with_metrics_and_normalized_values(store: AnySto
     assert got == closed
     assert got is not None
     assert (got.metrics, got.closed_at, got.result_version) == (metrics, 250.5, "m1")
+
+
+def test_round_privacy_round_trips_with_its_events_exactly(store: AnyStore) -> None:
+    seed(store)
+    opened = RoundPrivacy(population=7, clip_norm=0.1 + 0.2, seeded=False)
+    released = dataclasses.replace(
+        opened,
+        # Floats that JSON must carry to the last bit.
+        events=(GaussianEvent(sampling_rate=1 / 3, noise_multiplier=1.0000000000000002),),
+        next_clip_norm=0.30000000000000004 * 1.1,
+        noisy_fraction=-0.25,
+        seeded=True,
+    )
+    with store.transaction() as tx:
+        tx.add_round(round_(1, privacy=opened))
+        tx.add_round(round_(2))
+    with store.transaction() as tx:
+        assert tx.get_round("f1", 1) == round_(1, privacy=opened)
+        closed = tx.update_round("f1", 1, status="closed", privacy=released)
+    with store.transaction() as tx:
+        got = tx.get_round("f1", 1)
+        plain = tx.get_round("f1", 2)
+    assert got == closed
+    assert got is not None
+    assert got.privacy == released
+    assert got.privacy is not None
+    assert got.privacy.events == released.events
+    assert isinstance(got.privacy.events, tuple)
+    assert plain is not None
+    assert plain.privacy is None
+
+
+def test_round_privacy_refuses_values_json_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        RoundPrivacy(population=3, clip_norm=float("nan"), seeded=False)
+    with pytest.raises(ValueError, match="finite"):
+        RoundPrivacy(population=3, clip_norm=1.0, seeded=False, noisy_fraction=float("inf"))
+    with pytest.raises(ValueError, match="population"):
+        RoundPrivacy(population=-1, clip_norm=1.0, seeded=False)
+
+
+def test_every_federation_status_round_trips(store: AnyStore) -> None:
+    seed(store)
+    for status in FederationStatus:
+        with store.transaction() as tx:
+            changed = tx.update_federation("f1", status=status.value)
+        with store.transaction() as tx:
+            assert tx.get_federation("f1") == changed
+        assert changed.status is status
 
 
 def test_updates_round_trip_metrics_and_list_in_order_of_arrival(store: AnyStore) -> None:
