@@ -1,0 +1,358 @@
+"""The round engine: every transition of a federation's rounds, under its lock.
+
+`RoundEngine.advance` opens rounds, samples cohorts, and closes or fails
+rounds, inside the caller's transaction that holds the federation's lock; the
+service (`aggregator.service`) calls it from check-ins, uploads and the
+ticker. The engine also keeps the process-local caches that make this fast:
+parsed configs, models with their specs, and each open round's running
+aggregate.
+
+The running aggregate of a round lives in memory as an optimization only.
+When a round closes, whatever the committed rows hold but the memory aggregate
+lacks (after a restart: everything) is folded from the blobs, so the result
+never depends on which process saw which upload.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aggregator.blobs import BlobStore
+from aggregator.config import FederationSettings
+from aggregator.privacy import budget_allows, close_private, release_round, select_private
+from aggregator.records import (
+    FederationRecord,
+    FederationStatus,
+    ModelRecord,
+    RoundPrivacy,
+    RoundRecord,
+    RoundStatus,
+    UpdateRecord,
+)
+from aggregator.rounds import (
+    Closing,
+    RoundProgress,
+    close_decision,
+    sample_cohort,
+    selection_target,
+)
+from aggregator.store import Transaction
+from fedcore import (
+    FedAvg,
+    FederationConfig,
+    NotFound,
+    ParameterSet,
+    TensorSpec,
+    WeightedMean,
+    wire,
+)
+
+__all__ = [
+    "ENDED",
+    "OPEN_STAGES",
+    "PRESENCE_WINDOW_S",
+    "RoundEngine",
+    "current_round",
+    "federation_of",
+    "locked_federation",
+]
+
+# A client that checked in this recently counts as available for sampling.
+# It must exceed a client's long-poll interval plus its training time.
+PRESENCE_WINDOW_S = 120.0
+OPEN_STAGES = (RoundStatus.SELECTING, RoundStatus.TRAINING)
+# A federation in one of these states runs no more rounds, ever.
+ENDED = (FederationStatus.FINISHED, FederationStatus.STOPPED, FederationStatus.BUDGET_EXHAUSTED)
+# Updates folded together in one pass over the accumulator: `add_many` is
+# several times faster per update than one `add` each (bench/aggregate.py).
+_FOLD_BATCH = 16
+_CACHED_MODELS = 8
+
+
+@dataclass(slots=True)
+class _Running:
+    """A round's in-memory aggregate.
+
+    `folded` lists the clients whose updates are in `aggregate`; `pending`
+    holds accepted updates (memory-mapped where the blob store allows) that
+    wait to be folded together with the next ones.
+    """
+
+    aggregate: WeightedMean
+    folded: set[str] = field(default_factory=set)
+    pending: dict[str, tuple[ParameterSet, float]] = field(default_factory=dict)
+
+    def flush(self) -> None:
+        """Fold every pending update."""
+        self.aggregate.add_many(self.pending.values())
+        self.folded.update(self.pending)
+        self.pending.clear()
+
+
+class RoundEngine:
+    """Applies round transitions and keeps the caches they need."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+        self._running: dict[tuple[str, int], _Running] = {}
+        self._running_lock = threading.Lock()
+        self._present: dict[tuple[str, int], set[str]] = {}
+        self._models: dict[str, tuple[ParameterSet, dict[str, TensorSpec]]] = {}
+        self._configs: dict[str, FederationSettings] = {}
+
+    def note_present(self, federation_id: str, number: int, client_id: str) -> None:
+        """Remember that a client checked in while round `number` was selecting."""
+        self._present.setdefault((federation_id, number), set()).add(client_id)
+
+    def config_of(self, fed: FederationRecord) -> FederationSettings:
+        """Return the parsed configuration of a federation record (cached)."""
+        # Parses the record in hand: called inside a transaction, a fresh read
+        # would open a second one, and on SQLite wait for the first one's lock.
+        cached = self._configs.get(fed.id)
+        if cached is None:
+            cached = FederationSettings.model_validate_json(fed.config_json)
+            self._configs[fed.id] = cached
+        return cached
+
+    def fold(self, record: UpdateRecord, params: ParameterSet) -> None:
+        """Add a committed update to its round's running aggregate (in batches)."""
+        with self._running_lock:
+            running = self._running.get((record.federation_id, record.round))
+            if running is None or record.client_id in running.folded:
+                return
+            running.pending[record.client_id] = (params, float(record.num_examples))
+            if len(running.pending) >= _FOLD_BATCH:
+                running.flush()
+
+    def due(
+        self,
+        fed: FederationRecord,
+        rnd: RoundRecord | None,
+        now: float,
+        *,
+        deadlines_only: bool = False,
+    ) -> bool:
+        """Whether a transition of `fed` is due (a hint; `advance` decides under the lock)."""
+        if fed.status is not FederationStatus.RUNNING:
+            return False
+        if rnd is None or rnd.status not in OPEN_STAGES:
+            return True
+        if now >= rnd.deadline:
+            return True
+        if deadlines_only or rnd.status is not RoundStatus.SELECTING:
+            return False
+        # Who checked in this round is only a hint kept by this process; the
+        # decision itself reads `last_seen` from the store under the lock.
+        present = len(self._present.get((fed.id, rnd.number), ()))
+        return present >= self.config_of(fed).min_clients
+
+    def advance(self, tx: Transaction, fed: FederationRecord, now: float) -> FederationRecord:
+        """Apply every transition that is due, under the federation's lock."""
+        # Each pass applies one transition; a round can at most close, and the
+        # next one open and select its cohort, in one call.
+        for _ in range(8):
+            if fed.status is not FederationStatus.RUNNING:
+                return fed
+            rnd = current_round(tx, fed)
+            if rnd is None or rnd.status not in OPEN_STAGES:
+                fed = self._open_next(tx, fed, now)
+                continue
+            moved = (
+                self._select(tx, fed, rnd, now)
+                if rnd.status is RoundStatus.SELECTING
+                else self._settle(tx, fed, rnd, now)
+            )
+            if not moved:
+                return fed
+            fed = federation_of(tx, fed.id)
+        return fed
+
+    def _open_next(self, tx: Transaction, fed: FederationRecord, now: float) -> FederationRecord:
+        config = self.config_of(fed)
+        rounds = tx.list_rounds(fed.id)
+        closed = sum(1 for r in rounds if r.status is RoundStatus.CLOSED)
+        if closed >= config.rounds:
+            return tx.update_federation(fed.id, status=FederationStatus.FINISHED)
+        # Before the cohort is sampled: a round that would overshoot never starts.
+        if config.dp is not None and not budget_allows(config.dp, rounds):
+            return tx.update_federation(fed.id, status=FederationStatus.BUDGET_EXHAUSTED)
+        number = fed.current_round + 1
+        tx.add_round(
+            RoundRecord(
+                federation_id=fed.id,
+                number=number,
+                status=RoundStatus.SELECTING,
+                model_version=fed.model_version,
+                opened_at=now,
+                deadline=now + config.checkin_wait_s,
+            )
+        )
+        return tx.update_federation(fed.id, current_round=number)
+
+    def _select(self, tx: Transaction, fed: FederationRecord, rnd: RoundRecord, now: float) -> bool:
+        config = self.config_of(fed)
+        if config.dp is not None:
+            deadline = now + config.round_timeout_s
+            return select_private(tx, rnd, config.dp, deadline=deadline)
+        clients = [c for c in tx.list_clients(fed.id) if not c.revoked]
+        present = [c.id for c in clients if c.last_seen >= now - PRESENCE_WINDOW_S]
+        target = selection_target(config, len(clients))
+        expired = now >= rnd.deadline
+        if len(present) < target and not (expired and len(present) >= config.min_clients):
+            return False
+        size = _cohort_size(config, len(present))
+        cohort = sample_cohort(present, size, seed=config.seed or 0, round_number=rnd.number)
+        tx.update_round(
+            fed.id,
+            rnd.number,
+            status=RoundStatus.TRAINING,
+            cohort=cohort,
+            deadline=now + config.round_timeout_s,
+        )
+        self._present.pop((fed.id, rnd.number), None)
+        model = self.model(rnd.model_version)
+        with self._running_lock:
+            self._running[(fed.id, rnd.number)] = _Running(FedAvg().begin(model))
+        return True
+
+    def _settle(self, tx: Transaction, fed: FederationRecord, rnd: RoundRecord, now: float) -> bool:
+        config = self.config_of(fed)
+        received = tx.count_updates(fed.id, rnd.number)
+        progress = RoundProgress(received, len(rnd.cohort), now >= rnd.deadline)
+        private = config.dp is not None
+        decision = close_private(progress) if private else close_decision(config, progress)
+        if decision is Closing.KEEP_OPEN:
+            return False
+        if decision is Closing.FAIL:
+            reason = f"{received} updates by the deadline, {config.min_clients} needed"
+            tx.update_round(
+                fed.id, rnd.number, status=RoundStatus.FAILED, closed_at=now, reason=reason
+            )
+            self._drop_running(fed.id, rnd.number)
+            return True
+        self._close(tx, fed, rnd, tx.list_updates(fed.id, rnd.number), now)
+        return True
+
+    def _close(
+        self,
+        tx: Transaction,
+        fed: FederationRecord,
+        rnd: RoundRecord,
+        updates: Sequence[UpdateRecord],
+        now: float,
+    ) -> None:
+        new, changes = self._result(tx, fed, rnd, updates)
+        meta = {"fedcore.federation": fed.id, "fedcore.round": str(rnd.number)}
+        privacy = changes.get("privacy")
+        if isinstance(privacy, RoundPrivacy) and privacy.seeded:
+            # Seeded noise gives no privacy: the model file itself says so.
+            meta["fedcore.dp_seeded"] = "true"
+        data = wire.encode(new, meta)
+        version = self.blobs.put(data)
+        if tx.get_model(fed.id, version) is None:
+            tx.add_model(ModelRecord(fed.id, version, rnd.number, len(data), now))
+        tx.update_round(
+            fed.id,
+            rnd.number,
+            status=RoundStatus.CLOSED,
+            closed_at=now,
+            result_version=version,
+            **changes,
+        )
+        tx.update_federation(fed.id, model_version=version)
+
+    def _result(
+        self,
+        tx: Transaction,
+        fed: FederationRecord,
+        rnd: RoundRecord,
+        updates: Sequence[UpdateRecord],
+    ) -> tuple[ParameterSet, dict[str, object]]:
+        """Return the round's next model and the round fields that go with it."""
+        config = self.config_of(fed)
+        model = self.model(rnd.model_version)
+        metrics = _round_metrics(updates)
+        if config.dp is None:
+            aggregate = self._complete_aggregate(fed.id, rnd.number, model, updates)
+            new = FedAvg(server_lr=config.server_lr).finish(model, aggregate)
+            return new, {"metrics": metrics}
+        # Streamed from the blobs one update at a time: O(P) memory.
+        deltas = ((self.blobs.load(u.sha256)[0], float(u.num_examples)) for u in updates)
+        release = release_round(config, model, deltas, rnd=rnd, rounds=tx.list_rounds(fed.id))
+        metrics["epsilon"] = release.epsilon
+        return release.model, {"metrics": metrics, "privacy": release.privacy}
+
+    def _complete_aggregate(
+        self, federation_id: str, number: int, model: ParameterSet, updates: Sequence[UpdateRecord]
+    ) -> WeightedMean:
+        running = self._drop_running(federation_id, number)
+        stored = {u.client_id for u in updates}
+        if running is None or not running.folded <= stored:
+            running = _Running(FedAvg().begin(model))
+        running.pending = {c: p for c, p in running.pending.items() if c in stored}
+        for update in updates:
+            if update.client_id not in running.folded and update.client_id not in running.pending:
+                params, _ = self.blobs.load(update.sha256)
+                running.pending[update.client_id] = (params, float(update.num_examples))
+        running.flush()
+        return running.aggregate
+
+    def _drop_running(self, federation_id: str, number: int) -> _Running | None:
+        with self._running_lock:
+            return self._running.pop((federation_id, number), None)
+
+    def model(self, version: str) -> ParameterSet:
+        """Return a model version's parameters (cached, read-only)."""
+        return self._cached(version)[0]
+
+    def spec(self, version: str) -> dict[str, TensorSpec]:
+        """Return a model version's tensor names, dtypes and shapes (cached)."""
+        return self._cached(version)[1]
+
+    def _cached(self, version: str) -> tuple[ParameterSet, dict[str, TensorSpec]]:
+        entry = self._models.get(version)
+        if entry is None:
+            params, _ = self.blobs.load(version)
+            if len(self._models) >= _CACHED_MODELS:
+                self._models.pop(next(iter(self._models)))
+            entry = self._models[version] = (params, params.spec())
+        return entry
+
+
+def _cohort_size(config: FederationConfig, present: int) -> int:
+    return min(selection_target(config, present), present)
+
+
+def federation_of(tx: Transaction, federation_id: str) -> FederationRecord:
+    """Return a federation, or raise `NotFound`."""
+    fed = tx.get_federation(federation_id)
+    if fed is None:
+        raise NotFound(f"unknown federation {federation_id[:80]!r}")
+    return fed
+
+
+def locked_federation(tx: Transaction, federation_id: str) -> FederationRecord:
+    """Lock a federation until the transaction ends and return it, or raise `NotFound`."""
+    fed = tx.lock_federation(federation_id)
+    if fed is None:
+        raise NotFound(f"unknown federation {federation_id[:80]!r}")
+    return fed
+
+
+def current_round(tx: Transaction, fed: FederationRecord) -> RoundRecord | None:
+    """Return the federation's current round, if it has one."""
+    return tx.get_round(fed.id, fed.current_round) if fed.current_round else None
+
+
+def _round_metrics(updates: Sequence[UpdateRecord]) -> dict[str, float]:
+    total = sum(u.num_examples for u in updates)
+    metrics: dict[str, float] = {"clients": float(len(updates)), "examples": float(total)}
+    sums: dict[str, float] = {}
+    for update in updates:
+        for key, value in update.metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * update.num_examples
+    if total > 0:
+        metrics.update({key: value / total for key, value in sums.items()})
+    return metrics
