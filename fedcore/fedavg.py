@@ -15,16 +15,33 @@ differences modulo 2**bits (see `ParameterSet.subtract`) and are read as
 signed, so a uint8 delta of 255 counts as -1; boolean tensors are integers
 modulo 2, so a flag flips where the weighted majority of clients flipped it.
 
-Folding is cache-blocked: `WeightedMean.add_many` widens the same block of up
-to 16 updates to float64 and folds it into the accumulator block in one
-multiply-accumulate, so the accumulator is read and written once per batch
-instead of once per update (`bench/aggregate.py` measures it against the
-memory-read floor).
+Folding is blocked, batched and shared between threads. `WeightedMean.add_many`
+takes up to 16 updates at a time; for each block of the accumulator it widens
+the same block of up to 8 updates to float64 into a staging array (one
+`np.concatenate`) and reduces the stage with the weights in one stack of small
+matrix-vector products (one `np.matmul`), so the accumulator block is loaded
+and stored once per 8 updates instead of once per update (per fewer for
+smaller models, whose staging arrays are kept to a quarter of the model's
+size).
+
+Threads, because one core cannot keep up with memory: numpy's float32 ->
+float64 cast takes about 0.13 ns per value even within L1 cache on the
+machine this was tuned on, where one core reads memory at about 0.11 ns per
+float32 value. Widening memory-mapped inputs alone takes 1.5x the time of
+reading them, the weighted sum about 0.8x more, and numpy has no loop that
+widens, multiplies and adds in one pass. numpy releases the GIL inside every
+call that matters here, so the blocks are handed out to one thread per CPU
+(at most 8), each with its own stage; the calling thread takes blocks too.
+`bench/aggregate.py` measures the fold against a one-thread read of the
+inputs and against a read shared by as many threads as the fold uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,30 +50,101 @@ from fedcore.parameters import Array, ParameterSet, TensorSpec
 
 __all__ = ["FedAvg", "WeightedMean"]
 
-# Updates folded per pass over the accumulator by `add_many`: each float64
-# accumulator block is then loaded and stored once per batch, not once per update.
+# Updates folded per batch by `add_many`.
 _MAX_BATCH = 16
-# Elements of each update widened to float64 per step. Smaller blocks spend
-# more time in numpy call overhead than in arithmetic; with 16 updates a step
-# stages 8 MiB, which stays in the last-level cache (bench/aggregate.py).
+# Updates widened per step, and the most elements of each widened per step:
+# a stage of 8 x 65536 float64 values (4 MiB) per thread. Every step starts a
+# new stream from each input (the hardware prefetcher has to find it again)
+# and costs about 3 us of Python and numpy calls, so long rows pay: with 8k or
+# 16k-element rows the fold took 1.6x or 1.25x as long as with 64k. 16 rows
+# (two 8 MiB stages competing with the streaming inputs for the 32 MiB L3)
+# and 4 rows (twice the accumulator passes) were both about 10% slower than
+# 8 (bench/aggregate.py, 2 cores, 1 MiB of L2 each).
+_MAX_DEPTH = 8
 _ROW = 1 << 16
+# Where the model is too small for full stages (see _STAGE_SHARE), rows
+# shrink until the stage holds this many: at P=1e6 with two threads, 4 rows
+# of 31k elements took 2.0x a one-thread read of the inputs, against 2.6x for
+# 8 rows of 16k and 3.2 to 4x for 16 rows of 8k.
+_MIN_DEPTH = 4
+# The stages of all threads together hold at most 1 / _STAGE_SHARE of the
+# model's size in float64 (2 bytes per parameter), so that folding needs at
+# most about 2.6x the float32 model in memory (accumulator 2x, scratch 0.6x).
+_STAGE_SHARE = 4
+# Values per matrix-vector product: 8 updates x 512 columns, 4 x 1024. That
+# is under OpenBLAS's threshold for threading a gemv (2304 *
+# GEMM_MULTITHREAD_THRESHOLD = 9216 values), so BLAS never starts its own
+# threads next to ours: on a busy machine they spin and stall (a fold with
+# large products took 10 to 35x longer). numpy's matmul runs a stack of small
+# products in one call, 1.7x as fast per value as `np.einsum("i,ij->j")`.
+_GEMV = 4096
+# Rows are a multiple of this many elements, so that the stack of products
+# has no ragged end for 2, 4 or 8 updates.
+_SUB = 2048
+# Folding threads at most, one per CPU below that. Each holds its own stage,
+# and a few streaming cores saturate a socket's memory bandwidth (only 2
+# cores were measured).
+_MAX_LANES = 8
+# Values per batch (updates x parameters) below which the calling thread folds
+# alone: handing work to another thread costs tens of microseconds.
+_PARALLEL_MIN = 1 << 20
 # Elements per step when `finish` combines the model with the mean.
 _CHUNK = 1 << 16
 
 
-class WeightedMean:
-    """A streaming weighted mean of parameter deltas, accumulated in float64."""
+@dataclass(frozen=True, slots=True)
+class _Lane:
+    """The scratch space of one folding thread."""
 
-    __slots__ = ("_acc", "_count", "_out", "_spec", "_stage", "_total")
+    stage: Array  # (depth, row) float64: a block of up to `depth` inputs, widened
+    out: Array  # (row,) float64: their weighted sum
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """A range of one tensor's accumulator and the matching inputs."""
+
+    acc: Array
+    flats: list[Array]
+    lo: int
+    hi: int
+
+
+class _Pieces:
+    """The pieces of one batch, taken in turn by the folding threads."""
+
+    __slots__ = ("_items", "_lock")
+
+    def __init__(self, items: list[_Piece]) -> None:
+        self._items: Iterator[_Piece] = iter(items)
+        self._lock = threading.Lock()
+
+    def take(self) -> _Piece | None:
+        """Return the next piece nobody took yet, or None once all are taken."""
+        with self._lock:
+            return next(self._items, None)
+
+
+class WeightedMean:
+    """A streaming weighted mean of parameter deltas, accumulated in float64.
+
+    Large batches are folded by the calling thread and up to 7 helper threads
+    (one per CPU the process may use), which end when the aggregate is
+    collected. One aggregate takes one fold at a time.
+    """
+
+    __slots__ = ("_acc", "_count", "_lanes", "_pool", "_spec", "_total")
 
     def __init__(self, spec: Mapping[str, TensorSpec]) -> None:
         self._spec = dict(spec)
-        self._acc = {name: np.zeros(s.size, dtype=np.float64) for name, s in self._spec.items()}
-        # Scratch for widened inputs, at most a quarter of the accumulator's
-        # size, so that folding needs at most 2.5x the float32 model in memory.
-        size = sum(s.size for s in self._spec.values())
-        self._stage = np.empty(min(_MAX_BATCH * _ROW, max(size // 4, _ROW)), dtype=np.float64)
-        self._out = np.empty(_ROW, dtype=np.float64)
+        # np.full, not np.zeros: np.zeros maps the pages lazily, and the fold's
+        # threads then fault them in together, which took 20 ms for P=1e7
+        # where one thread writing them here takes 7.
+        self._acc = {name: np.full(s.size, 0.0) for name, s in self._spec.items()}
+        self._lanes = _lanes(sum(s.size for s in self._spec.values()))
+        # Created on the first batch large enough to share; its threads end
+        # when this aggregate is collected.
+        self._pool: ThreadPoolExecutor | None = None
         self._count = 0
         self._total = 0.0
 
@@ -82,9 +170,10 @@ class WeightedMean:
     def add_many(self, items: Iterable[tuple[Mapping[str, Array], float]]) -> None:
         """Fold several `(delta, weight)` pairs, several times faster than `add` each.
 
-        The result equals one `add` per pair up to float64 rounding. Up to 16
-        updates are folded per pass over the accumulator, so a server that
-        holds its pending updates memory-mapped should hand them over together.
+        The result equals one `add` per pair up to float64 rounding. Updates
+        are folded 16 at a time, and the accumulator is read and written once
+        per 8 of them, so a server that holds its pending updates
+        memory-mapped should hand them over together.
         Every pair is checked before any is folded: if one is invalid, none is.
 
         Raises:
@@ -127,15 +216,64 @@ class WeightedMean:
 
     def _fold(self, group: list[tuple[Mapping[str, Array], float]]) -> None:
         weights = np.array([weight for _, weight in group], dtype=np.float64)
+        # One step of one tensor per piece: threads that the scheduler delays
+        # then take fewer pieces, and taking one costs next to nothing.
+        row = self._lanes[0].out.size
+        pieces = []
         for name, acc in self._acc.items():
             flats = [_signed_flat(delta[name]) for delta, _ in group]
-            _fold_tensor(acc, flats, weights, scratch=(self._stage, self._out))
+            pieces += [
+                _Piece(acc, flats, lo, min(lo + row, acc.size)) for lo in range(0, acc.size, row)
+            ]
+        work = _Pieces(pieces)
+        helpers = self._lanes[1:] if len(group) * _size(self._acc) >= _PARALLEL_MIN else []
+        helpers = helpers[: len(pieces) - 1]
+        futures = [self._executor().submit(_drain, work, weights, lane) for lane in helpers]
+        try:
+            _drain(work, weights, self._lanes[0])
+        finally:
+            # The helpers write into the accumulators: never return before them.
+            wait(futures)
+        for future in futures:
+            future.result()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=len(self._lanes) - 1, thread_name_prefix="fedcore-fold"
+            )
+        return self._pool
 
 
 def _checked_weight(weight: float) -> float:
     if not np.isfinite(weight) or weight < 0:
         raise ValueError(f"update weight must be finite and >= 0, got {weight!r}")
     return float(weight)
+
+
+def _size(acc: Mapping[str, Array]) -> int:
+    return sum(a.size for a in acc.values())
+
+
+def _lanes(size: int) -> list[_Lane]:
+    """Return the scratch of each folding thread for a model of `size` elements."""
+    lanes = _thread_count()
+    # Within the budget of _STAGE_SHARE, long rows come first (see _MIN_DEPTH).
+    stage = size // (_STAGE_SHARE * lanes)
+    row = min(_ROW, stage // _MIN_DEPTH)
+    row = max(_SUB, row - row % _SUB)
+    depth = max(1, min(_MAX_DEPTH, stage // row))
+    return [
+        _Lane(stage=np.empty((depth, row), dtype=np.float64), out=np.empty(row, dtype=np.float64))
+        for _ in range(lanes)
+    ]
+
+
+def _thread_count() -> int:
+    """Return how many threads fold: the CPUs this process may use, capped."""
+    # The CPUs the process may run on, not the machine's: containers often get fewer.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, _MAX_LANES))
 
 
 def _signed_flat(delta: Array) -> Array:
@@ -149,24 +287,44 @@ def _signed_flat(delta: Array) -> Array:
     return flat
 
 
-def _fold_tensor(
-    acc: Array, flats: list[Array], weights: Array, *, scratch: tuple[Array, Array]
-) -> None:
-    """Add `weights @ flats` to `acc`, one cache-sized block of every input at a time."""
-    stage, out = scratch
-    chunk = max(1, min(_ROW, stage.size // len(flats), acc.size))
-    block = stage[: len(flats) * chunk].reshape(len(flats), chunk)
-    for lo in range(0, acc.size, chunk):
-        hi = min(lo + chunk, acc.size)
-        rows, folded = block[:, : hi - lo], out[: hi - lo]
+def _drain(work: _Pieces, weights: Array, lane: _Lane) -> None:
+    """Fold pieces of `work` with `lane`'s scratch until none is left."""
+    while (piece := work.take()) is not None:
+        _fold_piece(piece, weights, lane)
+
+
+def _fold_piece(piece: _Piece, weights: Array, lane: _Lane) -> None:
+    """Add `weights @ flats[lo:hi]` to `acc[lo:hi]`, a stage of inputs at a time."""
+    lo, hi = piece.lo, piece.hi
+    acc, folded = piece.acc[lo:hi], lane.out[: hi - lo]
+    blocks = [flat[:, lo:hi] for flat in piece.flats]
+    depth = len(lane.stage)
+    for first in range(0, len(blocks), depth):
+        rows = lane.stage[: len(blocks) - first, : hi - lo]
         # Widen every input's block to float64 in one call (float32, float16,
-        # bfloat16 and integers all convert exactly); products and sums are then
-        # exact to float64 rounding.
-        np.concatenate([flat[:, lo:hi] for flat in flats], axis=0, out=rows)
-        # einsum, not `weights @ rows`: matmul hands this to a multithreaded
-        # BLAS, whose threads stall for whole time slices on a busy machine.
-        np.einsum("i,ij->j", weights, rows, out=folded)
-        acc[lo:hi] += folded
+        # bfloat16 and integers all convert exactly); products and sums are
+        # then exact to float64 rounding.
+        np.concatenate(blocks[first : first + depth], axis=0, out=rows)
+        _weigh(weights[first : first + depth], rows, out=folded)
+        acc += folded
+
+
+def _weigh(weights: Array, rows: Array, *, out: Array) -> None:
+    """Write `weights @ rows` to `out`."""
+    count, size = rows.shape
+    if count == 1:
+        # A one-row matmul costs ten times as much as this multiply.
+        np.multiply(rows[0], weights[0], out=out)
+        return
+    # A stack of small matrix-vector products, run by matmul in one call:
+    # views, no copies, (count, full) -> (full / width, count, width).
+    width = _GEMV // count
+    full = size - size % width
+    if full:
+        stack = rows[:, :full].reshape(count, full // width, width).transpose(1, 0, 2)
+        np.matmul(weights, stack, out=out[:full].reshape(-1, width))
+    if full < size:
+        np.matmul(weights, rows[:, full:], out=out[full:])
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedcore import FedAvg, ParameterSet, WeightedMean
+from fedcore import FedAvg, ParameterSet, WeightedMean, fedavg
 from fedcore.parameters import Array
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None)
@@ -348,3 +351,94 @@ def test_finish_keeps_tensor_order_and_shapes_of_the_model() -> None:
         n: (a.shape, a.dtype) for n, a in model.items()
     }
     np.testing.assert_array_equal(nxt["z"], np.ones((2, 3)))
+
+
+def fold_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("fedcore-fold")}
+
+
+def large_round(seed: int) -> tuple[list[dict[str, Array]], list[float]]:
+    # 16 updates of 70,001 + 3 elements: more than a million element-updates,
+    # so the fold is shared between threads, in pieces that end mid-tensor.
+    rng = np.random.default_rng(seed)
+    deltas = [
+        {
+            "big": rng.standard_normal(70_001).astype(np.float32),
+            "small": rng.standard_normal(3).astype(np.float32),
+        }
+        for _ in range(16)
+    ]
+    return deltas, [float(w) for w in rng.integers(0, 500, size=16)]
+
+
+def test_fold_shared_between_threads_equals_one_thread_and_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deltas, ws = large_round(11)
+    spec = ParameterSet(deltas[0]).spec()
+    monkeypatch.setattr(fedavg, "_thread_count", lambda: 1)
+    alone = WeightedMean(spec)
+    before = fold_threads()
+    alone.add_many(zip(deltas, ws, strict=True))
+    assert fold_threads() == before
+    # Three threads, whatever this machine has: pieces are shared unevenly.
+    monkeypatch.setattr(fedavg, "_thread_count", lambda: 3)
+    shared = WeightedMean(spec)
+    shared.add_many(zip(deltas, ws, strict=True))
+    assert len(fold_threads() - before) == 2
+    want = reference_mean(deltas, ws)
+    for name in want:
+        np.testing.assert_allclose(shared.mean()[name], alone.mean()[name], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(shared.mean()[name], want[name], rtol=1e-6, atol=1e-12)
+
+
+def test_fold_threads_end_when_the_aggregate_is_collected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deltas, ws = large_round(12)
+    monkeypatch.setattr(fedavg, "_thread_count", lambda: 2)
+    before = fold_threads()
+    agg = WeightedMean(ParameterSet(deltas[0]).spec())
+    agg.add_many(zip(deltas, ws, strict=True))
+    started = fold_threads() - before
+    assert len(started) == 1
+    del agg
+    gc.collect()
+    for thread in started:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_updates_that_cancel_leave_exactly_the_small_remainder(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    # Pairs of updates of 1e4 to 1e5 that cancel, and one update of 1 to 2:
+    # the weighted sum is about 2e6 times smaller than the sum of the
+    # magnitudes of its terms, which a float32 sum would get badly wrong. Every
+    # value is a multiple of 2**-23 and every partial sum is below 2**25 in
+    # magnitude, so with integer weights float64 folds them exactly in any
+    # order: the mean must be the small update's share to the last bit,
+    # however the fold is cut.
+    monkeypatch.setattr(fedavg, "_thread_count", lambda: threads)
+    rng = np.random.default_rng(13)
+    n = 70_003
+
+    def signed(low: float, high: float) -> Array:
+        signs = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        return (rng.uniform(low, high, n) * signs).astype(np.float32)
+
+    small = {"w": signed(1.0, 2.0)}
+    deltas, ws = [small], [5.0]
+    for i in range(15):
+        big = {"w": signed(1e4, 1e5)}
+        deltas.insert(i % 3, big)
+        deltas.append({"w": -big["w"]})
+        ws.insert(i % 3, float(1 + i))
+        ws.append(float(1 + i))
+    agg = WeightedMean(ParameterSet(small).spec())
+    for first in range(0, len(deltas), 16):
+        agg.add_many(zip(deltas[first : first + 16], ws[first : first + 16], strict=True))
+    want = small["w"].astype(np.float64) * 5.0 / sum(ws)
+    np.testing.assert_array_equal(agg.mean()["w"], want)
+    np.testing.assert_allclose(agg.mean()["w"], reference_mean(deltas, ws)["w"], rtol=1e-6, atol=0)
