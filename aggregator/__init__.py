@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aggregator.access import Access
 from aggregator.blobs import BlobStore, FileBlobStore, MemoryBlobStore, StagedBlob
-from aggregator.config import FederationSettings, parse_settings
+from aggregator.config import FederationSettings, SecAggSettings, parse_settings
 from aggregator.inprocess import InProcessTransport
 from aggregator.memstore import MemoryStore
 from aggregator.privacy import PrivacyReport, RoundEpsilon
@@ -25,6 +25,8 @@ from aggregator.records import (
     RoundPrivacy,
     RoundRecord,
     RoundStatus,
+    SecAggEntry,
+    SecAggMessageRecord,
     UpdateRecord,
 )
 from aggregator.service import Aggregator
@@ -54,6 +56,9 @@ __all__ = [
     "RoundPrivacy",
     "RoundRecord",
     "RoundStatus",
+    "SecAggEntry",
+    "SecAggMessageRecord",
+    "SecAggSettings",
     "SqlStore",
     "StagedBlob",
     "Store",

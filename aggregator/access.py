@@ -6,15 +6,20 @@ string in and gets a record or a `fedcore.AuthError` out.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable
 
+from aggregator.config import FederationSettings
 from aggregator.records import AdminTokenRecord, ClientRecord, EnrollmentTokenRecord
 from aggregator.store import Store, Transaction
 from aggregator.tokens import TokenKind, hash_token, new_token, token_kind
 from fedcore import AuthError, Enrollment, Forbidden, NotFound
 
-__all__ = ["Access", "client_of"]
+__all__ = ["IDENTITY_KEY_BYTES", "Access", "client_of"]
+
+# A raw Ed25519 public key (RFC 8032 section 5.1.5).
+IDENTITY_KEY_BYTES = 32
 
 
 class Access:
@@ -107,26 +112,42 @@ class Access:
                 tx.add_enrollment_token(record)
         return tokens, now + ttl_s
 
-    def enroll(self, enrollment_token: str | None) -> Enrollment:
+    def enroll(
+        self, enrollment_token: str | None, *, identity_key: bytes | None = None
+    ) -> Enrollment:
         """Exchange a one-time enrollment token for a client credential.
+
+        Args:
+            enrollment_token: the one-time token ('fce_...').
+            identity_key: the client's raw 32-byte Ed25519 public key, which
+                signs its secure aggregation keys; required by secure
+                federations.
 
         Raises:
             AuthError: the token is missing, malformed, unknown, used, revoked
                 or expired.
+            Forbidden: the federation uses secure aggregation and no valid
+                identity key was given (the token stays unused).
         """
         if _kind_of(enrollment_token) is not TokenKind.ENROLLMENT:
             raise AuthError("enrollment needs an enrollment token ('fce_...') from an admin")
+        _check_identity_key(identity_key)
         digest = hash_token(str(enrollment_token))
         now = self._clock()
         with self._store.transaction() as tx:
             record = _usable(tx.get_enrollment_token(digest), now)
+            _require_identity(tx, record.federation_id, identity_key)
             client_id = f"c_{secrets.token_hex(8)}"
             token = new_token(TokenKind.CLIENT)
-            tx.add_client(
-                ClientRecord(client_id, record.federation_id, hash_token(token), now, 0.0)
-            )
+            client = ClientRecord(client_id, record.federation_id, hash_token(token), now, 0.0)
+            tx.add_client(dataclasses.replace(client, identity_key=identity_key))
             tx.update_enrollment_token(digest, client_id=client_id)
-        return Enrollment(federation_id=record.federation_id, client_id=client_id, token=token)
+        return Enrollment(
+            federation_id=record.federation_id,
+            client_id=client_id,
+            token=token,
+            identity_key=None if identity_key is None else identity_key.hex(),
+        )
 
     def revoke_client(self, federation_id: str, client_id: str) -> ClientRecord:
         """Revoke a client's credential; its later requests get 401.
@@ -177,3 +198,22 @@ def _usable(record: EnrollmentTokenRecord | None, now: float) -> EnrollmentToken
     if record.expires_at <= now:
         raise AuthError("enrollment token expired; ask an admin for a new one")
     return record
+
+
+def _check_identity_key(identity_key: bytes | None) -> None:
+    if identity_key is not None and len(identity_key) != IDENTITY_KEY_BYTES:
+        raise Forbidden(
+            f"identity_key holds {len(identity_key)} bytes; it must be a raw "
+            f"{IDENTITY_KEY_BYTES}-byte Ed25519 public key"
+        )
+
+
+def _require_identity(tx: Transaction, federation_id: str, identity_key: bytes | None) -> None:
+    fed = tx.get_federation(federation_id)
+    if identity_key is not None or fed is None:
+        return
+    if FederationSettings.model_validate_json(fed.config_json).secure_aggregation:
+        raise Forbidden(
+            "this federation uses secure aggregation: enroll with an identity_key "
+            "(the client's 32-byte Ed25519 public key, hex or base64)"
+        )

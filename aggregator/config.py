@@ -29,12 +29,63 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedcore import ConfigError, FederationConfig
 from privacy.dp import DpConfig, DpMode, GaussianEvent, check_budget, validate
+from privacy.secagg import Quantization, SecAggConfig, ThreatModel
 
-__all__ = ["FederationSettings", "parse_settings", "resolve_settings"]
+__all__ = ["FederationSettings", "SecAggSettings", "parse_settings", "resolve_settings"]
+
+# SecAgg+ needs at least 3 clients in a cohort (`privacy.secagg.plan_round`):
+# with fewer, a survivor could subtract its own input from the sum.
+SECAGG_MIN_CLIENTS = 3
+
+
+class SecAggSettings(BaseModel):
+    """How a secure federation quantizes updates and which threat it withstands.
+
+    Attributes:
+        clip: c; every update value is clipped to [-c, c] before it is
+            quantized. Choose it a little above the largest |delta| a round
+            produces: a larger c costs precision, a smaller one biases.
+        value_bits: bits per quantized value (the quantization step is
+            2c / (2^value_bits - 1)). 20 bits keep a ring of 32 bits (4 bytes
+            per value) for cohorts of up to 4096 clients.
+        max_weight: W, the largest weight (number of examples) a client may
+            send; the SDK caps larger weights at W. Each client quantizes
+            w/W * delta, so W far above the real weights wastes precision.
+        corrupt_fraction: gamma, the fraction of the cohort that may collude
+            with the server (Bell et al. 2020, section 3).
+        dropout_fraction: delta, the fraction that may drop out.
+        stage_timeout_s: the deadline of each SecAgg stage; None reuses
+            `round_timeout_s`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    clip: float = Field(default=1.0, gt=0, le=1e6, allow_inf_nan=False)
+    value_bits: int = Field(default=20, ge=1, le=24)
+    max_weight: float = Field(default=1000.0, gt=0, allow_inf_nan=False)
+    corrupt_fraction: float = Field(default=0.05, ge=0, lt=1)
+    dropout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    stage_timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    def protocol(self, vector_length: int) -> SecAggConfig:
+        """Return the protocol's settings for a model of `vector_length` values."""
+        return SecAggConfig(
+            vector_length=vector_length,
+            quantization=Quantization(
+                clip=self.clip, value_bits=self.value_bits, max_weight=self.max_weight
+            ),
+            threat=self.threat(),
+        )
+
+    def threat(self) -> ThreatModel:
+        """Return the threat model (raises ValueError for an impossible one)."""
+        return ThreatModel(
+            corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction
+        )
 
 
 class FederationSettings(FederationConfig):
@@ -52,6 +103,12 @@ class FederationSettings(FederationConfig):
     """
 
     dp: DpConfig | None = None
+    secure_aggregation: bool = False
+    secagg: SecAggSettings = Field(default_factory=SecAggSettings)
+
+    def stage_timeout_s(self) -> float:
+        """Return the deadline of one SecAgg stage, in seconds."""
+        return self.secagg.stage_timeout_s or self.round_timeout_s
 
 
 def parse_settings(data: Any) -> FederationSettings:
@@ -74,6 +131,8 @@ def parse_settings(data: Any) -> FederationSettings:
     dp = _dp_section(data)
     if dp is not None:
         problems += _dp_problems(_with_rounds(dp, data.get("rounds")))
+    if settings is not None:
+        problems += _secagg_problems(settings)
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
@@ -94,6 +153,7 @@ def resolve_settings(config: FederationConfig) -> FederationSettings:
         if isinstance(config, FederationSettings)
         else FederationSettings.model_validate(config.model_dump())
     )
+    _raise(_secagg_problems(settings))
     if settings.dp is None:
         return settings
     dp = _with_rounds(settings.dp, settings.rounds)
@@ -138,6 +198,28 @@ def _dp_problems(dp: DpConfig) -> list[str]:
         validate(dp, num_clients=None, secure_aggregation=False)
     except ConfigError as exc:
         problems += [f"dp: {problem}" for problem in exc.problems]
+    return problems
+
+
+def _secagg_problems(settings: FederationSettings) -> list[str]:
+    """List what keeps a secure federation from running (nothing for a plain one)."""
+    if not settings.secure_aggregation:
+        return []
+    problems = []
+    if settings.dp is not None:
+        problems.append(
+            "secure_aggregation: central DP needs each update in the clear; "
+            "remove dp or turn secure_aggregation off"
+        )
+    if settings.min_clients < SECAGG_MIN_CLIENTS:
+        problems.append(
+            f"min_clients: secure aggregation needs at least {SECAGG_MIN_CLIENTS} clients "
+            f"per round, got {settings.min_clients}"
+        )
+    try:
+        settings.secagg.threat()
+    except ValueError as exc:
+        problems.append(f"secagg: {exc}")
     return problems
 
 

@@ -38,6 +38,7 @@ from aggregator.rounds import (
     sample_cohort,
     selection_target,
 )
+from aggregator.secagg import SecureRounds, Settling, secure_model
 from aggregator.store import Transaction
 from fedcore import (
     FedAvg,
@@ -48,6 +49,7 @@ from fedcore import (
     WeightedMean,
     wire,
 )
+from privacy.secagg import SecAggResult
 
 __all__ = [
     "ENDED",
@@ -101,6 +103,7 @@ class RoundEngine:
         self._present: dict[tuple[str, int], set[str]] = {}
         self._models: dict[str, tuple[ParameterSet, dict[str, TensorSpec]]] = {}
         self._configs: dict[str, FederationSettings] = {}
+        self.secure = SecureRounds(blobs)
 
     def note_present(self, federation_id: str, number: int, client_id: str) -> None:
         """Remember that a client checked in while round `number` was selecting."""
@@ -197,6 +200,9 @@ class RoundEngine:
             deadline = now + config.round_timeout_s
             return select_private(tx, rnd, config.dp, deadline=deadline)
         clients = [c for c in tx.list_clients(fed.id) if not c.revoked]
+        if config.secure_aggregation:
+            # Only a client with a registered identity can sign its round keys.
+            clients = [c for c in clients if c.identity_key is not None]
         present = [c.id for c in clients if c.last_seen >= now - PRESENCE_WINDOW_S]
         target = selection_target(config, len(clients))
         expired = now >= rnd.deadline
@@ -204,6 +210,19 @@ class RoundEngine:
             return False
         size = _cohort_size(config, len(present))
         cohort = sample_cohort(present, size, seed=config.seed or 0, round_number=rnd.number)
+        self._present.pop((fed.id, rnd.number), None)
+        model = self.model(rnd.model_version)
+        if config.secure_aggregation:
+            chosen = tx.update_round(fed.id, rnd.number, cohort=cohort)
+            setup = self.secure.plan(tx, chosen, config, model)
+            tx.update_round(
+                fed.id,
+                rnd.number,
+                status=RoundStatus.TRAINING,
+                deadline=now + config.stage_timeout_s(),
+                secagg_setup=setup,
+            )
+            return True
         tx.update_round(
             fed.id,
             rnd.number,
@@ -211,14 +230,14 @@ class RoundEngine:
             cohort=cohort,
             deadline=now + config.round_timeout_s,
         )
-        self._present.pop((fed.id, rnd.number), None)
-        model = self.model(rnd.model_version)
         with self._running_lock:
             self._running[(fed.id, rnd.number)] = _Running(FedAvg().begin(model))
         return True
 
     def _settle(self, tx: Transaction, fed: FederationRecord, rnd: RoundRecord, now: float) -> bool:
         config = self.config_of(fed)
+        if rnd.secagg_setup is not None:
+            return self._settle_secure(tx, fed, rnd, now)
         received = tx.count_updates(fed.id, rnd.number)
         progress = RoundProgress(received, len(rnd.cohort), now >= rnd.deadline)
         private = config.dp is not None
@@ -235,6 +254,34 @@ class RoundEngine:
         self._close(tx, fed, rnd, tx.list_updates(fed.id, rnd.number), now)
         return True
 
+    def _settle_secure(
+        self, tx: Transaction, fed: FederationRecord, rnd: RoundRecord, now: float
+    ) -> bool:
+        """Close a secure round's stage when due; fail or finish the round when it ends."""
+        settling, detail = self.secure.settle(tx, rnd, expired=now >= rnd.deadline, now=now)
+        if settling is Settling.KEEP_OPEN:
+            return False
+        if settling is Settling.NEXT_STAGE:
+            deadline = now + self.config_of(fed).stage_timeout_s()
+            tx.update_round(fed.id, rnd.number, deadline=deadline)
+            return True
+        self.secure.forget(fed.id, rnd.number)
+        if isinstance(detail, SecAggResult):
+            model = self.model(rnd.model_version)
+            new = secure_model(model, detail.mean(), self.config_of(fed).server_lr)
+            metrics = {
+                "clients": float(len(detail.survivors)),
+                "examples": detail.total_weight,
+                "dropped": float(len(detail.dropped)),
+                "excluded": float(len(detail.excluded)),
+            }
+            self._publish(tx, fed, rnd, (new, {"metrics": metrics}), now)
+            return True
+        tx.update_round(
+            fed.id, rnd.number, status=RoundStatus.FAILED, closed_at=now, reason=str(detail)
+        )
+        return True
+
     def _close(
         self,
         tx: Transaction,
@@ -244,6 +291,18 @@ class RoundEngine:
         now: float,
     ) -> None:
         new, changes = self._result(tx, fed, rnd, updates)
+        self._publish(tx, fed, rnd, (new, changes), now)
+
+    def _publish(
+        self,
+        tx: Transaction,
+        fed: FederationRecord,
+        rnd: RoundRecord,
+        outcome: tuple[ParameterSet, dict[str, object]],
+        now: float,
+    ) -> None:
+        """Store the round's next model and close the round with the fields that go with it."""
+        new, changes = outcome
         meta = {"fedcore.federation": fed.id, "fedcore.round": str(rnd.number)}
         privacy = changes.get("privacy")
         if isinstance(privacy, RoundPrivacy) and privacy.seeded:

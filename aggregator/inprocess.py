@@ -37,3 +37,11 @@ class InProcessTransport:
         staged = self._aggregator.blobs.stage(len(data))
         staged.write(data)
         return self._aggregator.submit_update(self.client_id, federation_id, round_number, staged)
+
+    def fetch_secagg(self, federation_id: str, round_number: int, stage: str) -> bytes | None:
+        """Return the server message that opens `stage` for this client, or None (not yet)."""
+        return self._aggregator.fetch_secagg(self.client_id, federation_id, round_number, stage)
+
+    def send_secagg(self, federation_id: str, round_number: int, stage: str, data: bytes) -> None:
+        """Send this client's message for `stage` (durable on return)."""
+        self._aggregator.send_secagg(self.client_id, federation_id, round_number, stage, data)

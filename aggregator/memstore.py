@@ -26,6 +26,8 @@ from aggregator.records import (
     ModelRecord,
     RoundRecord,
     RoundStatus,
+    SecAggEntry,
+    SecAggMessageRecord,
     UpdateRecord,
 )
 from fedcore.errors import NotFound
@@ -63,10 +65,14 @@ class _Tables:
     rounds: dict[tuple[str, int], RoundRecord] = dataclasses.field(default_factory=dict)
     updates: dict[tuple[str, int, str], UpdateRecord] = dataclasses.field(default_factory=dict)
     models: dict[tuple[str, str], ModelRecord] = dataclasses.field(default_factory=dict)
+    secagg: dict[tuple[str, int, int], SecAggMessageRecord] = dataclasses.field(
+        default_factory=dict
+    )
     clients_of: dict[str, dict[str, None]] = dataclasses.field(default_factory=dict)
     tokens_of: dict[str, dict[str, None]] = dataclasses.field(default_factory=dict)
     rounds_of: dict[str, dict[int, None]] = dataclasses.field(default_factory=dict)
     updates_of: dict[tuple[str, int], dict[str, None]] = dataclasses.field(default_factory=dict)
+    secagg_of: dict[tuple[str, int], dict[int, None]] = dataclasses.field(default_factory=dict)
     models_of: dict[str, dict[str, None]] = dataclasses.field(default_factory=dict)
 
 
@@ -203,6 +209,7 @@ class MemoryTransaction:
         self._set(t.rounds, key, record)
         self._set(index, record.number, None)
         self._set(t.updates_of, key, {})
+        self._set(t.secagg_of, key, {})
 
     def get_round(self, federation_id: str, number: int) -> RoundRecord | None:
         """Return a round by federation and number."""
@@ -256,6 +263,23 @@ class MemoryTransaction:
     def count_updates(self, federation_id: str, round_number: int) -> int:
         """Return how many updates a round holds."""
         return len(self._t.updates_of.get((federation_id, round_number), ()))
+
+    def add_secagg_message(self, record: SecAggMessageRecord) -> None:
+        """Append an entry to a secure round's stage log (its `seq` must be free)."""
+        t = self._t
+        key = (record.federation_id, record.round, record.seq)
+        _require_free(t.secagg, key, "secure aggregation log entry")
+        index = _parent(t.secagg_of, (record.federation_id, record.round), "round")
+        _require_client(t, record.sender)
+        self._set(t.secagg, key, dataclasses.replace(record, entry=SecAggEntry(record.entry)))
+        self._set(index, record.seq, None)
+
+    def list_secagg_messages(
+        self, federation_id: str, round_number: int
+    ) -> Sequence[SecAggMessageRecord]:
+        """Return a secure round's stage log in `seq` order."""
+        numbers = sorted(self._t.secagg_of.get((federation_id, round_number), ()))
+        return [self._t.secagg[federation_id, round_number, n] for n in numbers]
 
     def add_model(self, record: ModelRecord) -> None:
         """Insert a model version."""

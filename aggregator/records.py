@@ -24,6 +24,8 @@ __all__ = [
     "RoundPrivacy",
     "RoundRecord",
     "RoundStatus",
+    "SecAggEntry",
+    "SecAggMessageRecord",
     "UpdateRecord",
 ]
 
@@ -64,7 +66,12 @@ class FederationRecord:
 
 @dataclass(frozen=True, slots=True)
 class ClientRecord:
-    """An enrolled client of one federation; only its token's hash is kept."""
+    """An enrolled client of one federation; only its token's hash is kept.
+
+    `identity_key` is the raw 32-byte Ed25519 public key the client registered
+    at enrollment: it signs the client's secure aggregation keys. Required in
+    secure federations, optional elsewhere.
+    """
 
     id: str
     federation_id: str
@@ -72,6 +79,7 @@ class ClientRecord:
     created_at: float
     last_seen: float
     revoked: bool = False
+    identity_key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +171,8 @@ class RoundRecord:
     `cohort` lists the sampled client ids in sampling order; `metrics` holds
     the aggregated client metrics once the round closed; `reason` says why a
     round failed; `privacy` is set for rounds of a differentially private
-    federation only.
+    federation only; `secagg_setup` holds the encoded `RoundSetup` of a
+    secure round (public parameters only), set when its cohort is chosen.
     """
 
     federation_id: str
@@ -178,6 +187,7 @@ class RoundRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
     privacy: RoundPrivacy | None = None
+    secagg_setup: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,3 +212,50 @@ class ModelRecord:
     round: int
     size_bytes: int
     created_at: float
+
+
+class SecAggEntry(StrEnum):
+    """What one entry of a secure round's stage log records."""
+
+    ACCEPTED = "accepted"
+    """A client message the server state machine took (first time)."""
+    EXCLUDED = "excluded"
+    """A client message that excluded its sender; replayed to exclude it again."""
+    CLOSE = "close"
+    """The close of the open stage (`SecAggServer.close_stage`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggMessageRecord:
+    """One entry of a secure round's stage log, replayed in `seq` order after a restart.
+
+    A client message rides inline in `payload` when small, or is stored in
+    the blob store under `blob` (masked inputs: P+1 values). Either holds the
+    bytes the client sent, which are masked or encrypted: never an update in
+    the clear. A `CLOSE` entry has neither, and no sender.
+
+    Raises:
+        ValueError: a message entry without exactly one of payload and blob,
+            or a close entry with a sender or bytes.
+    """
+
+    federation_id: str
+    round: int
+    seq: int
+    stage: str
+    entry: SecAggEntry
+    received_at: float
+    sender: str | None = None
+    payload: bytes | None = None
+    blob: str | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        has_bytes = (self.payload is not None) + (self.blob is not None)
+        if self.entry is SecAggEntry.CLOSE:
+            if self.sender is not None or has_bytes:
+                raise ValueError("a close entry carries no sender, payload or blob")
+        elif self.sender is None or has_bytes != 1:
+            raise ValueError("a message entry needs a sender and exactly one of payload and blob")
+        if self.seq < 0:
+            raise ValueError(f"seq must be >= 0, got {self.seq}")

@@ -44,6 +44,7 @@ from aggregator.records import (
     RoundStatus,
     UpdateRecord,
 )
+from aggregator.secagg import StageMessage, parse_stage
 from aggregator.store import Store, Transaction
 from fedcore import (
     UPDATE_META_KEY,
@@ -313,6 +314,51 @@ class Aggregator:
             raise
         return _receipt(stored)
 
+    def fetch_secagg(
+        self, client_id: str, federation_id: str, round_number: int, stage: str
+    ) -> bytes | None:
+        """Return the server message that opens `stage` of a secure round for a client.
+
+        For `advertise-keys`: the round's setup and the cohort's identity keys
+        (`fedcore.SecAggSetup` as JSON); for later stages, the encoded
+        `privacy.secagg` message. None while the stage is not open yet.
+
+        Raises:
+            NotFound: unknown federation, round or stage name.
+            RoundStateError: the round is not secure or not running, or the
+                client takes no part in the stage (dropped, excluded, or the
+                stage is over).
+        """
+        step = parse_stage(stage)
+        with self.store.transaction() as tx:
+            rnd = self._secure_round(tx, client_id, federation_id, round_number)
+            return self._engine.secure.outbox(tx, rnd, client_id, step)
+
+    def send_secagg(
+        self, client_id: str, federation_id: str, round_number: int, stage: str, data: bytes
+    ) -> None:
+        """Take a client's message for `stage` of a secure round, durably, then acknowledge.
+
+        The same message sent twice is taken once. A message the protocol
+        refuses excludes its sender from the round (logged with the reason).
+
+        Raises:
+            NotFound: unknown federation, round or stage name.
+            RoundStateError: the round is not at `stage`, or the message was
+                refused (the reason says why); the refusal itself is durable.
+        """
+        message = StageMessage(client_id, parse_stage(stage), bytes(data))
+        now = self._clock()
+        with self.store.transaction() as tx:
+            fed = locked_federation(tx, federation_id)
+            rnd = self._secure_round(tx, client_id, federation_id, round_number)
+            verdict = self._engine.secure.receive(tx, rnd, message, now)
+            if fed.status is FederationStatus.RUNNING:
+                self._engine.advance(tx, fed, now)
+        self._notify()
+        if not verdict.accepted:
+            raise RoundStateError(f"the {stage} message was refused: {verdict.reason}")
+
     def tick(self) -> None:
         """Apply due transitions of every running federation (deadlines)."""
         now = self._clock()
@@ -369,6 +415,19 @@ class Aggregator:
         self._notify()
         return fed, rnd
 
+    def _secure_round(
+        self, tx: Transaction, client_id: str, federation_id: str, number: int
+    ) -> RoundRecord:
+        client_of(tx, client_id, federation_id)
+        rnd = tx.get_round(federation_id, number)
+        if rnd is None:
+            raise NotFound(f"federation {federation_id[:80]!r} has no round {number}")
+        if rnd.secagg_setup is None:
+            raise RoundStateError(f"round {number} does not use secure aggregation")
+        if rnd.status is not RoundStatus.TRAINING:
+            raise RoundStateError(f"round {number} has {rnd.status}; its stages are over")
+        return rnd
+
     def _restart_deadline(self, tx: Transaction, fed: FederationRecord, now: float) -> None:
         rnd = current_round(tx, fed)
         if rnd is None or rnd.status not in OPEN_STAGES:
@@ -386,8 +445,13 @@ class Aggregator:
             return wait
         if rnd.status is not RoundStatus.TRAINING or client_id not in rnd.cohort:
             return wait
+        stage = None
         with self.store.transaction() as tx:
-            if tx.get_update(fed.id, rnd.number, client_id) is not None:
+            if rnd.secagg_setup is not None:
+                stage = self._engine.secure.open_stage(tx, rnd, client_id)
+                if stage is None:
+                    return wait
+            elif tx.get_update(fed.id, rnd.number, client_id) is not None:
                 return wait
         return Task(
             action=TaskAction.TRAIN,
@@ -395,6 +459,8 @@ class Aggregator:
             round=rnd.number,
             model_version=rnd.model_version,
             train=self._engine.config_of(fed).train,
+            secure=stage is not None,
+            stage=None if stage is None else stage.value,
         )
 
     def _model_record(self, federation_id: str, version: str) -> ModelRecord:
@@ -418,6 +484,11 @@ def _check_accepting(rnd: RoundRecord, client_id: str) -> None:
         raise RoundStateError(f"round {rnd.number} is still selecting its cohort")
     if client_id not in rnd.cohort:
         raise RoundStateError(f"this client was not selected for round {rnd.number}")
+    if rnd.secagg_setup is not None:
+        raise RoundStateError(
+            f"round {rnd.number} uses secure aggregation: send the masked input, "
+            "not the update (Transport.send_secagg)"
+        )
 
 
 def _same_or_conflict(existing: UpdateRecord, digest: str) -> UpdateRecord:

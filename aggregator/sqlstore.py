@@ -43,6 +43,7 @@ from aggregator.records import (
     FederationRecord,
     ModelRecord,
     RoundRecord,
+    SecAggMessageRecord,
     UpdateRecord,
 )
 from aggregator.tables import (
@@ -53,6 +54,7 @@ from aggregator.tables import (
     FederationRow,
     ModelRow,
     RoundRow,
+    SecAggMessageRow,
     UpdateRow,
 )
 from fedcore.errors import NotFound
@@ -250,6 +252,24 @@ class SqlTransaction:
             UpdateRow.federation_id == federation_id, UpdateRow.round == round_number
         )
         return int(self._session.scalar(statement) or 0)
+
+    def add_secagg_message(self, record: SecAggMessageRecord) -> None:
+        """Append an entry to a secure round's stage log (its `seq` must be free)."""
+        self._insert(SecAggMessageRow, SecAggMessageRow.columns(record))
+
+    def list_secagg_messages(
+        self, federation_id: str, round_number: int
+    ) -> Sequence[SecAggMessageRecord]:
+        """Return a secure round's stage log in `seq` order."""
+        statement = (
+            select(SecAggMessageRow)
+            .where(
+                SecAggMessageRow.federation_id == federation_id,
+                SecAggMessageRow.round == round_number,
+            )
+            .order_by(SecAggMessageRow.seq)
+        )
+        return [row.to_record() for row in self._session.scalars(statement)]
 
     def add_model(self, record: ModelRecord) -> None:
         """Insert a model version."""

@@ -20,6 +20,7 @@ from aggregator.records import (
     FederationRecord,
     ModelRecord,
     RoundRecord,
+    SecAggMessageRecord,
     UpdateRecord,
 )
 
@@ -140,6 +141,16 @@ class Transaction(Protocol):
 
     def count_updates(self, federation_id: str, round_number: int) -> int:
         """Return how many updates a round holds."""
+        ...
+
+    def add_secagg_message(self, record: SecAggMessageRecord) -> None:
+        """Append an entry to a secure round's stage log (its `seq` must be free)."""
+        ...
+
+    def list_secagg_messages(
+        self, federation_id: str, round_number: int
+    ) -> Sequence[SecAggMessageRecord]:
+        """Return a secure round's stage log in `seq` order."""
         ...
 
     def add_model(self, record: ModelRecord) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     ForeignKeyConstraint,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -37,6 +38,8 @@ from aggregator.records import (
     RoundPrivacy,
     RoundRecord,
     RoundStatus,
+    SecAggEntry,
+    SecAggMessageRecord,
     UpdateRecord,
 )
 
@@ -48,6 +51,7 @@ __all__ = [
     "FederationRow",
     "ModelRow",
     "RoundRow",
+    "SecAggMessageRow",
     "UpdateRow",
     "finite_metrics",
 ]
@@ -68,6 +72,11 @@ ID = String(128)
 HASH = String(128)
 NAME = String(200)
 STATUS = String(16)
+# An Ed25519 public key (RFC 8032 section 5.1.5: 32 bytes).
+IDENTITY_KEY = LargeBinary(32)
+# Inline stage-log payloads are small (keys, ciphertexts, revealed shares);
+# masked inputs go to the blob store.
+PAYLOAD = LargeBinary()
 
 
 def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -143,6 +152,7 @@ class ClientRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
     revoked: Mapped[bool] = mapped_column(Boolean)
+    identity_key: Mapped[bytes | None] = mapped_column(IDENTITY_KEY)
 
     @staticmethod
     def columns(record: ClientRecord) -> dict[str, Any]:
@@ -154,6 +164,7 @@ class ClientRow(Base):
             "token_hash": record.token_hash,
             "last_seen": record.last_seen,
             "revoked": record.revoked,
+            "identity_key": record.identity_key,
         }
 
     def to_record(self) -> ClientRecord:
@@ -165,6 +176,7 @@ class ClientRow(Base):
             created_at=self.created_at,
             last_seen=self.last_seen,
             revoked=self.revoked,
+            identity_key=None if self.identity_key is None else bytes(self.identity_key),
         )
 
 
@@ -252,6 +264,7 @@ class RoundRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     # NULL (not JSON null) for the rounds of federations without DP.
     privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    secagg_setup: Mapped[bytes | None] = mapped_column(PAYLOAD)
 
     __table_args__ = (CheckConstraint("number >= 0", name="number_nonnegative"),)
 
@@ -271,6 +284,7 @@ class RoundRow(Base):
             "metrics": finite_metrics(record.metrics),
             "reason": record.reason,
             "privacy": None if record.privacy is None else record.privacy.to_json(),
+            "secagg_setup": record.secagg_setup,
         }
 
     def to_record(self) -> RoundRecord:
@@ -288,6 +302,7 @@ class RoundRow(Base):
             metrics=dict(self.metrics),
             reason=self.reason,
             privacy=None if self.privacy is None else RoundPrivacy.from_json(self.privacy),
+            secagg_setup=None if self.secagg_setup is None else bytes(self.secagg_setup),
         )
 
 
@@ -335,6 +350,62 @@ class UpdateRow(Base):
             num_examples=self.num_examples,
             received_at=self.received_at,
             metrics=dict(self.metrics),
+        )
+
+
+class SecAggMessageRow(Base):
+    """A row of `secagg_messages`: a secure round's stage log, keyed by (round, seq)."""
+
+    __tablename__ = "secagg_messages"
+
+    federation_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[str] = mapped_column(STATUS)
+    entry: Mapped[str] = mapped_column(STATUS)
+    received_at: Mapped[float] = mapped_column(Float)
+    sender: Mapped[str | None] = mapped_column(ID, ForeignKey("clients.id"))
+    payload: Mapped[bytes | None] = mapped_column(PAYLOAD)
+    blob: Mapped[str | None] = mapped_column(HASH)
+    reason: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["federation_id", "round"],
+            ["rounds.federation_id", "rounds.number"],
+        ),
+        CheckConstraint("seq >= 0", name="seq_nonnegative"),
+    )
+
+    @staticmethod
+    def columns(record: SecAggMessageRecord) -> dict[str, Any]:
+        """Return the column values that store `record`."""
+        return {
+            "federation_id": record.federation_id,
+            "round": record.round,
+            "seq": record.seq,
+            "stage": record.stage,
+            "entry": SecAggEntry(record.entry).value,
+            "received_at": record.received_at,
+            "sender": record.sender,
+            "payload": record.payload,
+            "blob": record.blob,
+            "reason": record.reason,
+        }
+
+    def to_record(self) -> SecAggMessageRecord:
+        """Return the row as a record."""
+        return SecAggMessageRecord(
+            federation_id=self.federation_id,
+            round=self.round,
+            seq=self.seq,
+            stage=self.stage,
+            entry=SecAggEntry(self.entry),
+            received_at=self.received_at,
+            sender=self.sender,
+            payload=None if self.payload is None else bytes(self.payload),
+            blob=self.blob,
+            reason=self.reason,
         )
 
 

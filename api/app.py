@@ -61,7 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_ops.router)
     app.add_middleware(
         BodyLimitMiddleware,
-        streaming_endpoints={routes_client.upload_update, routes_admin.create_federation},
+        streaming_endpoints={
+            routes_client.upload_update,
+            routes_client.send_secagg,
+            routes_admin.create_federation,
+        },
         max_body_bytes=settings.max_body_bytes,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -31,6 +31,13 @@ DpEpsilonOpt = Annotated[
     ),
 ]
 DpClipOpt = Annotated[float, typer.Option(min=0.0, help="DP: L2 clip norm of client updates.")]
+SecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--secure-aggregation/--no-secure-aggregation",
+        help="Run every round with SecAgg+: the aggregator sees only the sum of masked updates.",
+    ),
+]
 
 
 def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-line option
@@ -52,6 +59,7 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
     dp_delta: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="DP: the budget's delta.")
     ] = 1e-5,
+    secure_aggregation: SecureOpt = False,
 ) -> None:
     """Simulate a federation of virtual digits clients in-process, without HTTP.
 
@@ -74,6 +82,7 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
         dp_epsilon=dp_epsilon,
         dp_clip=dp_clip,
         dp_delta=dp_delta,
+        secure_aggregation=secure_aggregation,
     )
     problems = config.problems()
     if problems:
@@ -104,17 +113,24 @@ def demo(
     ),
     dp_epsilon: DpEpsilonOpt = None,
     dp_clip: DpClipOpt = 1.0,
+    secure_aggregation: SecureOpt = False,
 ) -> None:
     """Run the demo: aggregator, admin API, 20 HTTP clients, 20 rounds of digits.
 
     With --dp-epsilon, the federation runs central DP-FedAvg (every client
     every round, secure noise) and shows the epsilon spent after each round.
+    With --secure-aggregation, every round runs SecAgg+ over HTTP.
     """
     from api.demo import DemoConfig, run_demo
 
     _quiet_accounting()
     console = Console()
-    config = DemoConfig(output=output, dp_epsilon=dp_epsilon, dp_clip=dp_clip)
+    config = DemoConfig(
+        output=output,
+        dp_epsilon=dp_epsilon,
+        dp_clip=dp_clip,
+        secure_aggregation=secure_aggregation,
+    )
     result = run_demo(config, console)
     console.print(
         f"\nfinal test accuracy: [bold]{result.accuracy:.3f}[/] "

@@ -34,9 +34,17 @@ from aggregator.tokens import new_token
 from api.launch import local_server
 from api.plots import plot_history
 from api.simulation import RoundReport
-from clients import Client, HttpTransport, TensorData, TorchTrainer, enroll, to_parameters
+from clients import (
+    Client,
+    HttpTransport,
+    TensorData,
+    TorchTrainer,
+    enroll_identity,
+    to_parameters,
+)
 from clients.digits import Evaluator, client_data, dirichlet_partition, load_digits_split, make_mlp
 from fedcore import Enrollment, ParameterSet, wire
+from privacy.secagg import ClientIdentity
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -61,6 +69,7 @@ class DemoConfig:
     timeout_s: float = 600.0
     dp_epsilon: float | None = None
     dp_clip: float = 1.0
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +135,12 @@ def _federate(
     console.print(f"created federation [bold]{federation_id}[/] through the admin API")
     tokens = _post(admin, f"/admin/federations/{federation_id}/enrollment-tokens",
                    json={"count": config.clients, "ttl_s": 600})["tokens"]  # fmt: skip
-    enrollments = [enroll(url, token) for token in tokens]
-    console.print(f"enrolled {len(enrollments)} clients through the client API")
+    enrolled = [enroll_identity(url, token) for token in tokens]
+    console.print(f"enrolled {len(enrolled)} clients through the client API")
+    if config.secure_aggregation:
+        console.print("secure aggregation: the aggregator sees only the sum of masked updates")
     parts = dirichlet_partition(split.y_train, config.clients, config.alpha, config.seed)
-    fleet = _start_clients(url, enrollments, client_data(split, parts), config.seed)
+    fleet = _start_clients(url, enrolled, client_data(split, parts), config.seed)
     _post(admin, f"/admin/federations/{federation_id}/start")
     try:
         watch = _Watch(admin, federation_id, Evaluator(split), fleet)
@@ -155,7 +166,7 @@ def _create_federation(admin: httpx.Client, config: DemoConfig) -> str:
         "name": "digits-demo",
         "rounds": config.rounds,
         "clients_per_round": config.clients,
-        "min_clients": max(1, config.clients // 2),
+        "min_clients": max(3 if config.secure_aggregation else 1, config.clients // 2),
         "round_timeout_s": 60,
         "checkin_wait_s": 30,
         "seed": config.seed,
@@ -170,6 +181,9 @@ def _create_federation(admin: httpx.Client, config: DemoConfig) -> str:
             "clip_norm": config.dp_clip,
             "sampling_rate": 1.0,
         }
+    if config.secure_aggregation:
+        federation["secure_aggregation"] = True
+        federation["secagg"] = {"clip": 1.0}
     model = to_parameters(make_mlp(seed=config.seed).state_dict(), copy=True)
     files = {
         "config": (None, json.dumps(federation), "application/json"),
@@ -179,13 +193,16 @@ def _create_federation(admin: httpx.Client, config: DemoConfig) -> str:
 
 
 def _start_clients(
-    url: str, enrollments: Sequence[Enrollment], shards: Sequence[TensorData], seed: int
+    url: str,
+    enrolled: Sequence[tuple[Enrollment, ClientIdentity]],
+    shards: Sequence[TensorData],
+    seed: int,
 ) -> _Fleet:
     fleet = _Fleet()
-    for index, (enrollment, data) in enumerate(zip(enrollments, shards, strict=True)):
+    for index, ((enrollment, identity), data) in enumerate(zip(enrolled, shards, strict=True)):
         transport = HttpTransport(url, enrollment.token, wait_s=10)
         trainer = TorchTrainer(make_mlp(seed=seed), data, device="auto", seed=seed + index)
-        client = Client(transport, trainer, enrollment.federation_id)
+        client = Client(transport, trainer, enrollment.federation_id, identity=identity)
         thread = threading.Thread(
             target=_run_client, args=(client, transport, fleet), name=f"client-{index}"
         )
@@ -216,6 +233,8 @@ def _follow(watch: _Watch, config: DemoConfig, console: Console) -> list[RoundRe
                 raise RuntimeError(f"a client failed: {fleet.errors[0]!r}") from fleet.errors[0]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the demo did not finish within {config.timeout_s:.0f} s")
+            # Read the status first: rounds that closed before it are all listed below.
+            ended = _get(admin, f"/admin/federations/{federation_id}")["status"] in _ENDED
             for row in _get(admin, f"/admin/federations/{federation_id}/rounds")[len(reports) :]:
                 if row["status"] not in (RoundStatus.CLOSED, RoundStatus.FAILED):
                     break
@@ -223,7 +242,7 @@ def _follow(watch: _Watch, config: DemoConfig, console: Console) -> list[RoundRe
                 reports.append(report)
                 progress.advance(bar)
                 progress.console.print(_line(report))
-            if _get(admin, f"/admin/federations/{federation_id}")["status"] in _ENDED:
+            if ended:
                 return reports
             time.sleep(_POLL_S)
 

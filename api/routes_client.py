@@ -1,11 +1,12 @@
-"""Client routes (`/v1`): enrollment, check-in, model download, update upload."""
+"""Client routes (`/v1`): enrollment, check-in, model download, update upload, SecAgg stages."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -16,6 +17,7 @@ from api.problems import problem_type
 from api.runtime import Runtime
 from api.schemas import EnrollIn
 from fedcore import Enrollment, FedcoreError, PayloadTooLarge, Receipt, Task, TaskAction, wire
+from privacy.secagg import Stage
 
 __all__ = ["router"]
 
@@ -33,7 +35,7 @@ _BATCH = 1 << 20
 @router.post("/enroll", status_code=201)
 def enroll(body: EnrollIn, aggregator: AggregatorDep) -> Enrollment:
     """Exchange a one-time enrollment token for a client credential."""
-    return aggregator.access.enroll(body.enrollment_token)
+    return aggregator.access.enroll(body.enrollment_token, identity_key=body.identity_key_bytes())
 
 
 @router.get("/federations/{fid}/task")
@@ -143,3 +145,64 @@ async def _receive(request: Request, staged: StagedBlob) -> None:
             pending.clear()
     if pending:
         await run_in_threadpool(staged.write, bytes(pending))
+
+
+_OCTETS = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class _StagePath:
+    """Where a SecAgg+ stage message goes: federation, round and stage."""
+
+    fid: str
+    n: int
+    stage: Stage
+
+
+def _stage_path(
+    fid: str, n: int, stage: Annotated[Stage, Path(description="the SecAgg+ stage")]
+) -> _StagePath:
+    return _StagePath(fid, n, stage)
+
+
+StagePathDep = Annotated[_StagePath, Depends(_stage_path)]
+
+
+@router.get(
+    "/federations/{fid}/rounds/{n}/secagg/{stage}",
+    response_class=Response,
+    responses={
+        200: {"content": {_OCTETS: {}}, "description": "The message that opens the stage"},
+        204: {"description": "The stage is not open yet; ask again"},
+    },
+)
+def fetch_secagg(where: StagePathDep, client: MemberDep, aggregator: AggregatorDep) -> Response:
+    """Fetch the server message that opens a stage of a secure round for this client.
+
+    For `advertise-keys`: JSON `SecAggSetup` (the round's setup and the
+    cohort's identity keys); for later stages, the encoded SecAgg+ message.
+    """
+    data = aggregator.fetch_secagg(client.id, where.fid, where.n, where.stage.value)
+    if data is None:
+        return Response(status_code=204)
+    return Response(data, media_type=_OCTETS)
+
+
+@router.post(
+    "/federations/{fid}/rounds/{n}/secagg/{stage}",
+    status_code=204,
+    response_class=Response,
+    openapi_extra={"requestBody": {"content": {_OCTETS: {}}, "required": True}},
+)
+async def send_secagg(
+    where: StagePathDep, request: Request, client: MemberDep, runtime: RuntimeDep
+) -> Response:
+    """Send this client's message for a stage of a secure round; durable when answered.
+
+    The same message sent again is taken once (204 again); a message the
+    protocol refuses excludes the client from the round (409).
+    """
+    body = await request.body()
+    send = runtime.aggregator.send_secagg
+    await run_in_threadpool(send, client.id, where.fid, where.n, where.stage.value, body)
+    return Response(status_code=204)

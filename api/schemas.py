@@ -8,10 +8,12 @@ token hash). Client messages (`Task`, `Receipt`, `Enrollment`) are the
 
 from __future__ import annotations
 
+import binascii
 import json
+from base64 import b64decode
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aggregator import (
     ClientRecord,
@@ -22,6 +24,7 @@ from aggregator import (
     RoundRecord,
     RoundStatus,
 )
+from aggregator.access import IDENTITY_KEY_BYTES
 from privacy.dp import AccountantKind, DpMode
 
 __all__ = [
@@ -214,9 +217,47 @@ class TokensOut(_Out):
 
 
 class EnrollIn(_In):
-    """A device's enrollment request."""
+    """A device's enrollment request.
+
+    `identity_key` is the device's raw 32-byte Ed25519 public key, as 64 hex
+    digits or 44 characters of standard base64; secure federations require it.
+    """
 
     enrollment_token: str = Field(min_length=1, max_length=512)
+    identity_key: str | None = Field(default=None, min_length=1, max_length=100)
+
+    @field_validator("identity_key")
+    @classmethod
+    def _decodes_to_a_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            _decode_identity_key(value)
+        return value
+
+    def identity_key_bytes(self) -> bytes | None:
+        """Return the identity key as raw bytes, or None."""
+        return None if self.identity_key is None else _decode_identity_key(self.identity_key)
+
+
+def _decode_identity_key(text: str) -> bytes:
+    """Decode a 32-byte Ed25519 public key from hex or standard base64.
+
+    Raises:
+        ValueError: the text is neither, or does not hold 32 bytes.
+    """
+    try:
+        raw = (
+            bytes.fromhex(text)
+            if len(text) == 2 * IDENTITY_KEY_BYTES
+            else b64decode(text, validate=True)
+        )
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) != IDENTITY_KEY_BYTES:
+        raise ValueError(
+            f"identity_key must be a {IDENTITY_KEY_BYTES}-byte Ed25519 public key as "
+            f"{2 * IDENTITY_KEY_BYTES} hex digits or standard base64"
+        )
+    return raw
 
 
 class HealthOut(_Out):

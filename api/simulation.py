@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator import (
     Aggregator,
@@ -24,6 +25,7 @@ from aggregator import (
     PrivacyReport,
     RoundRecord,
     RoundStatus,
+    SecAggSettings,
 )
 from clients import Fleet, to_parameters
 from clients.digits import (
@@ -36,8 +38,12 @@ from clients.digits import (
 )
 from fedcore import ParameterSet, TrainConfig, wire
 from privacy.dp import DpConfig, DpMode
+from privacy.secagg import ClientIdentity
 
 __all__ = ["RoundReport", "SimulationConfig", "SimulationResult", "simulate"]
+
+# SecAgg+ cohorts have at least 3 clients (`aggregator.config`).
+SECAGG_COHORT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,11 @@ class SimulationConfig:
     `fraction` of the clients is sampled each round; partitions are
     Dirichlet(`alpha`) label skews drawn with `seed` (for 20 and 100 clients
     with alpha 0.5 and seed 0 they equal the shared reference partitions).
+
+    With `secure_aggregation`, every round runs SecAgg+: the aggregator only
+    sees the sum of the clients' masked updates, each clipped to
+    [-`secagg_clip`, `secagg_clip`] per value and quantized (cohorts of at
+    least 3 clients).
 
     With `dp_epsilon` set, the federation runs central DP-FedAvg: each client
     is sampled with probability `fraction` (Poisson), its update clipped to
@@ -66,6 +77,8 @@ class SimulationConfig:
     dp_epsilon: float | None = None
     dp_clip: float = 1.0
     dp_delta: float = 1e-5
+    secure_aggregation: bool = False
+    secagg_clip: float = 1.0
 
     def problems(self) -> list[str]:
         """Return every invalid field, with the fix."""
@@ -82,6 +95,13 @@ class SimulationConfig:
             found.append(f"dp_epsilon must be > 0, got {self.dp_epsilon}")
         if not self.dp_clip > 0:
             found.append(f"dp_clip must be > 0, got {self.dp_clip}")
+        if self.secure_aggregation and math.ceil(self.fraction * self.clients) < SECAGG_COHORT:
+            found.append(
+                f"secure aggregation needs at least {SECAGG_COHORT} clients per round; "
+                "raise clients or fraction"
+            )
+        if not self.secagg_clip > 0:
+            found.append(f"secagg_clip must be > 0, got {self.secagg_clip}")
         return found
 
     def dp_config(self) -> DpConfig | None:
@@ -154,7 +174,8 @@ def simulate(
     model = make_mlp(seed=config.seed)
     aggregator = Aggregator(MemoryStore(), MemoryBlobStore())
     federation_id = _create(aggregator, config, to_parameters(model.state_dict(), copy=True))
-    client_ids = _enroll(aggregator, federation_id, config.clients)
+    identities = _enroll(aggregator, federation_id, config.clients)
+    client_ids = list(identities)
     parts = dirichlet_partition(split.y_train, config.clients, config.alpha, config.seed)
     shards = dict(zip(client_ids, client_data(split, parts), strict=True))
     fleet = Fleet.build(
@@ -163,6 +184,7 @@ def simulate(
         lambda cid: InProcessTransport(aggregator, cid),
         federation_id=federation_id,
         seed=config.seed,
+        identities=identities,
     )
     # Every client checks in once before the first round opens, so round 1
     # samples from the whole fleet rather than from the first to arrive.
@@ -184,12 +206,14 @@ def _create(aggregator: Aggregator, config: SimulationConfig, initial: Parameter
         name="simulation",
         rounds=config.rounds,
         clients_per_round=per_round,
-        min_clients=1,
+        min_clients=SECAGG_COHORT if config.secure_aggregation else 1,
         train=TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr
         ),
         seed=config.seed,
         dp=config.dp_config(),
+        secure_aggregation=config.secure_aggregation,
+        secagg=SecAggSettings(clip=config.secagg_clip),
     )
     data = wire.encode(initial)
     staged = aggregator.blobs.stage(len(data))
@@ -197,13 +221,18 @@ def _create(aggregator: Aggregator, config: SimulationConfig, initial: Parameter
     return aggregator.create_federation(federation, staged).id
 
 
-def _enroll(aggregator: Aggregator, federation_id: str, count: int) -> list[str]:
-    ids: list[str] = []
-    while len(ids) < count:
-        batch = min(1000, count - len(ids))
+def _enroll(aggregator: Aggregator, federation_id: str, count: int) -> dict[str, ClientIdentity]:
+    """Enroll `count` clients, each with a fresh identity key; return them by client id."""
+    identities: dict[str, ClientIdentity] = {}
+    while len(identities) < count:
+        batch = min(1000, count - len(identities))
         tokens, _ = aggregator.access.create_enrollment_tokens(federation_id, batch, 3600)
-        ids.extend(aggregator.access.enroll(token).client_id for token in tokens)
-    return ids
+        for token in tokens:
+            key = Ed25519PrivateKey.generate()
+            public = key.public_key().public_bytes_raw()
+            client_id = aggregator.access.enroll(token, identity_key=public).client_id
+            identities[client_id] = ClientIdentity(client_id, key)
+    return identities
 
 
 def _drive(

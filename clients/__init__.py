@@ -12,7 +12,7 @@ that an edge device installs it with the base install and torch.
 from clients import digits
 from clients.client import Client, RoundResult
 from clients.fleet import Fleet
-from clients.http import HttpTransport, RetryPolicy, enroll
+from clients.http import HttpTransport, RetryPolicy, enroll, enroll_identity
 from clients.torchstate import copy_into, to_parameters, to_state_dict
 from clients.trainer import Device, TensorData, TorchTrainer, Trainer, resolve_device
 
@@ -29,6 +29,7 @@ __all__ = [
     "copy_into",
     "digits",
     "enroll",
+    "enroll_identity",
     "resolve_device",
     "to_parameters",
     "to_state_dict",

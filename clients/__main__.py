@@ -22,9 +22,10 @@ import torch
 
 from clients import digits
 from clients.client import Client, RoundResult
-from clients.http import HttpTransport, enroll
+from clients.http import HttpTransport, enroll_identity
 from clients.trainer import TensorData, TorchTrainer
 from fedcore import FedcoreError
+from privacy.secagg import ClientIdentity
 
 __all__ = ["main"]
 
@@ -36,12 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        token, federation_id = _credentials(args)
+        token, federation_id, identity = _credentials(args)
         trainer = TorchTrainer(
             digits.make_mlp(args.seed), _data(args), device=args.device, seed=args.seed
         )
         with HttpTransport(args.server, token, wait_s=args.wait) as transport:
-            Client(transport, trainer, federation_id).run(on_round=_report)
+            client = Client(transport, trainer, federation_id, identity=identity)
+            client.run(on_round=_report)
     except (FedcoreError, ValueError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
@@ -74,18 +76,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _credentials(args: argparse.Namespace) -> tuple[str, str]:
+def _credentials(args: argparse.Namespace) -> tuple[str, str, ClientIdentity | None]:
+    """Return the client token, the federation id, and the identity if enrolled here.
+
+    Enrolling registers a fresh identity key, which secure aggregation needs;
+    like the credential, it lives only in this process.
+    """
     if args.enrollment_token:
-        enrollment = enroll(args.server, args.enrollment_token)
+        enrollment, identity = enroll_identity(args.server, args.enrollment_token)
         logger.warning(
             "enrolled as client %s of federation %s; the credential lives only in this process",
             enrollment.client_id,
             enrollment.federation_id,
         )
-        return enrollment.token, enrollment.federation_id
+        return enrollment.token, enrollment.federation_id, identity
     if not args.token or not args.federation:
         raise ValueError("pass --token and --federation, or --enrollment-token")
-    return str(args.token), str(args.federation)
+    return str(args.token), str(args.federation), None
 
 
 def _data(args: argparse.Namespace) -> TensorData:
@@ -102,6 +109,8 @@ def _data(args: argparse.Namespace) -> TensorData:
 def _report(result: RoundResult) -> None:
     loss = result.metrics.get("train_loss", float("nan"))
     status = "accepted" if result.receipt is not None else "too late, not taken"
+    if result.secure:
+        status = "sent masked (secure aggregation)"
     sys.stdout.write(
         f"round {result.round}: trained on {result.num_examples} examples, "
         f"train_loss {loss:.4f}, {status}\n"

@@ -12,8 +12,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from clients.secagg import Progress, SecureParticipant
 from clients.trainer import Trainer
 from fedcore import (
+    ConfigError,
     ParameterSet,
     Receipt,
     RoundStateError,
@@ -23,7 +25,9 @@ from fedcore import (
     Transport,
     TransportError,
     UpdateConflict,
+    UpdateMeta,
 )
+from privacy.secagg import ClientIdentity
 
 __all__ = ["Client", "RoundResult"]
 
@@ -35,7 +39,8 @@ class RoundResult:
     """What one round of local training produced.
 
     `receipt` is None when the aggregator no longer took the update (the
-    round closed while the client trained).
+    round closed while the client trained), and in secure rounds (`secure`),
+    where the client sends only its masked input.
     """
 
     round: int
@@ -43,15 +48,32 @@ class RoundResult:
     num_examples: int
     metrics: Mapping[str, float]
     receipt: Receipt | None
+    secure: bool = False
 
 
 class Client:
-    """One federated client: a transport, a trainer and a federation id."""
+    """One federated client: a transport, a trainer and a federation id.
 
-    def __init__(self, transport: Transport, trainer: Trainer, federation_id: str) -> None:
+    `identity` is the client's Ed25519 identity, registered at enrollment;
+    federations with secure aggregation need it, and then the client runs
+    the SecAgg+ stages itself (`clients.secagg`): nothing else changes for
+    the caller.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        trainer: Trainer,
+        federation_id: str,
+        *,
+        identity: ClientIdentity | None = None,
+    ) -> None:
         self.transport = transport
         self.trainer = trainer
         self.federation_id = federation_id
+        self._secure = (
+            None if identity is None else SecureParticipant(identity, transport, federation_id)
+        )
         self._model: tuple[str, ParameterSet] | None = None
         self._last_task: Task | None = None
         self._last_result: RoundResult | None = None
@@ -80,6 +102,8 @@ class Client:
         """
         task = self.transport.fetch_task(self.federation_id)
         self._last_task = task
+        if task.action is TaskAction.TRAIN and task.secure:
+            return self._secure_step(task)
         if task.action is TaskAction.TRAIN:
             self._last_result = self._train(task)
         return task.action
@@ -104,10 +128,13 @@ class Client:
         self._stop.clear()
         trained = 0
         while not self._stop.is_set():
+            before = self._last_result
             action = self.step()
             if action is TaskAction.FINISHED:
                 logger.info("federation %s finished", self.federation_id)
                 break
+            if action is TaskAction.TRAIN and self._last_result is before:
+                continue  # a secure stage answered: check in again at once
             if action is TaskAction.TRAIN and self._last_result is not None:
                 trained += 1
                 if on_round is not None:
@@ -122,29 +149,52 @@ class Client:
         """Make `run` return after the current step (safe from another thread)."""
         self._stop.set()
 
+    def _secure_step(self, task: Task) -> TaskAction:
+        """Answer one SecAgg+ stage; TRAIN if something was sent, else WAIT."""
+        if self._secure is None:
+            raise ConfigError(
+                [
+                    "this federation uses secure aggregation: create the Client with the "
+                    "identity registered at enrollment (Client(..., identity=...))"
+                ]
+            )
+        progress = self._secure.answer(task, lambda: self._fit(task))
+        if progress is Progress.TRAINED:
+            meta = self._secure.last_meta or UpdateMeta(num_examples=0)
+            self._last_result = RoundResult(
+                round=task.round or 0,
+                model_version=task.model_version or "",
+                num_examples=meta.num_examples,
+                metrics=dict(meta.metrics),
+                receipt=None,
+                secure=True,
+            )
+        sent = progress in (Progress.SENT, Progress.TRAINED)
+        return TaskAction.TRAIN if sent else TaskAction.WAIT
+
+    def _fit(self, task: Task) -> tuple[ParameterSet, UpdateMeta]:
+        """Train on the task's model; return the delta and its meta."""
+        number, version = _round_of(task)
+        params = self._fetch_model(version)
+        trained, meta = self.trainer.fit(params, task.train or TrainConfig(), round_number=number)
+        return trained.subtract(params), meta
+
     def _train(self, task: Task) -> RoundResult:
-        if task.round is None or task.model_version is None:
-            raise TransportError("the aggregator sent a train task without round or model version")
-        params = self._fetch_model(task.model_version)
-        trained, meta = self.trainer.fit(
-            params, task.train or TrainConfig(), round_number=task.round
-        )
-        delta = trained.subtract(params)
+        number, version = _round_of(task)
+        delta, meta = self._fit(task)
         receipt: Receipt | None
         try:
-            receipt = self.transport.submit_update(self.federation_id, task.round, delta, meta)
+            receipt = self.transport.submit_update(self.federation_id, number, delta, meta)
         except (RoundStateError, UpdateConflict) as exc:
             # A straggler: the round moved on while this client trained. The
             # next check-in brings the next round, so this is not fatal.
-            logger.warning("round %d: update not taken: %s", task.round, exc)
+            logger.warning("round %d: update not taken: %s", number, exc)
             receipt = None
         else:
-            logger.info(
-                "round %d: uploaded the update of %d examples", task.round, meta.num_examples
-            )
+            logger.info("round %d: uploaded the update of %d examples", number, meta.num_examples)
         return RoundResult(
-            round=task.round,
-            model_version=task.model_version,
+            round=number,
+            model_version=version,
             num_examples=meta.num_examples,
             metrics=dict(meta.metrics),
             receipt=receipt,
@@ -156,3 +206,9 @@ class Client:
         params = self.transport.fetch_model(self.federation_id, version)
         self._model = (version, params)
         return params
+
+
+def _round_of(task: Task) -> tuple[int, str]:
+    if task.round is None or task.model_version is None:
+        raise TransportError("the aggregator sent a train task without round or model version")
+    return task.round, task.model_version

@@ -16,6 +16,7 @@ import torch
 from clients.client import Client
 from clients.trainer import Device, TensorData, TorchTrainer
 from fedcore import TaskAction, Transport
+from privacy.secagg import ClientIdentity
 
 __all__ = ["Fleet"]
 
@@ -27,7 +28,7 @@ class Fleet:
         self._clients = tuple(clients)
 
     @classmethod
-    def build(
+    def build(  # noqa: PLR0913 -- keyword-only options of one construction
         cls,
         model: torch.nn.Module,
         shards: Mapping[str, TensorData],
@@ -35,6 +36,7 @@ class Fleet:
         *,
         federation_id: str,
         seed: int = 0,
+        identities: Mapping[str, ClientIdentity] | None = None,
     ) -> Fleet:
         """Build one client per shard, all training the one `model`.
 
@@ -49,6 +51,8 @@ class Fleet:
             federation_id: the federation every client joins.
             seed: the base seed; each client's shuffling seed derives from it
                 and the client's position.
+            identities: client id → its identity registered at enrollment,
+                for federations with secure aggregation.
         """
         device = _device_of(model)
         clients = [
@@ -56,6 +60,7 @@ class Fleet:
                 connect(client_id),
                 TorchTrainer(model, data, device=device, seed=_client_seed(seed, index)),
                 federation_id,
+                identity=None if identities is None else identities[client_id],
             )
             for index, (client_id, data) in enumerate(shards.items())
         ]

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from fedcore import (
@@ -45,8 +46,9 @@ from fedcore import (
     WireFormatError,
     wire,
 )
+from privacy.secagg import ClientIdentity
 
-__all__ = ["HttpTransport", "RetryPolicy", "enroll"]
+__all__ = ["HttpTransport", "RetryPolicy", "enroll", "enroll_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ _BY_STATUS: dict[int, type[FedcoreError]] = {
 _TOO_MANY_REQUESTS = 429
 _SERVICE_UNAVAILABLE = 503
 _NOT_MODIFIED = 304
+_NO_CONTENT = 204
 _CLIENT_ERROR = 400
 _SERVER_ERROR = 500
 # The server holds a check-in at most this long (docs/http-api.md).
@@ -218,6 +221,20 @@ class HttpTransport:
         )
         return _parse(Receipt, response)
 
+    def fetch_secagg(self, federation_id: str, round_number: int, stage: str) -> bytes | None:
+        """Return the server message that opens `stage` for this client; None (204): not yet."""
+        response = self._call("GET", _secagg_path(federation_id, round_number, stage))
+        return None if response.status_code == _NO_CONTENT else response.content
+
+    def send_secagg(self, federation_id: str, round_number: int, stage: str, data: bytes) -> None:
+        """Send this client's message for `stage`; a retry of the same bytes is taken once."""
+        self._call(
+            "POST",
+            _secagg_path(federation_id, round_number, stage),
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         request = self._http.build_request(method, path, **kwargs)
         return _exchange(self._http, request, self.retry, idempotent=True)
@@ -227,6 +244,7 @@ def enroll(
     base_url: str,
     enrollment_token: str,
     *,
+    identity_key: bytes | None = None,
     timeout_s: float = 30.0,
     retry: RetryPolicy | None = None,
 ) -> Enrollment:
@@ -235,16 +253,54 @@ def enroll(
     The request is retried only when it cannot have been processed (no
     connection, 429, 503): a second use of the token would be refused.
 
+    Args:
+        base_url: the aggregator's URL.
+        enrollment_token: the one-time token from an admin.
+        identity_key: the raw Ed25519 public key of the client's identity
+            (`privacy.secagg.ClientIdentity`); secure federations require it.
+        timeout_s: the request's timeout.
+        retry: how to retry when the request cannot have been processed.
+
     Raises:
         AuthError: the enrollment token is unknown, used or expired.
         TransportError: the server could not be reached.
     """
+    body = {"enrollment_token": enrollment_token}
+    if identity_key is not None:
+        body["identity_key"] = identity_key.hex()
     with httpx.Client(base_url=base_url, timeout=timeout_s) as http:
-        request = http.build_request(
-            "POST", "/v1/enroll", json={"enrollment_token": enrollment_token}
-        )
+        request = http.build_request("POST", "/v1/enroll", json=body)
         response = _exchange(http, request, retry or RetryPolicy(), idempotent=False)
         return _parse(Enrollment, response)
+
+
+def enroll_identity(
+    base_url: str,
+    enrollment_token: str,
+    *,
+    timeout_s: float = 30.0,
+    retry: RetryPolicy | None = None,
+) -> tuple[Enrollment, ClientIdentity]:
+    """Enroll with a fresh Ed25519 identity key; return the credential and the identity.
+
+    The identity signs the client's keys in federations with secure
+    aggregation (pass it to `Client(..., identity=...)`). Its private key
+    never leaves this process: keep the returned identity for as long as the
+    credential.
+
+    Raises:
+        AuthError: the enrollment token is unknown, used or expired.
+        TransportError: the server could not be reached.
+    """
+    key = Ed25519PrivateKey.generate()
+    enrollment = enroll(
+        base_url,
+        enrollment_token,
+        identity_key=key.public_key().public_bytes_raw(),
+        timeout_s=timeout_s,
+        retry=retry,
+    )
+    return enrollment, ClientIdentity(enrollment.client_id, key)
 
 
 def _exchange(
@@ -346,6 +402,13 @@ def _parse(model: type[_Message], response: httpx.Response) -> _Message:
             f"HTTP {response.status_code} without a valid {model.__name__}: "
             f"{exc.error_count()} problem(s)"
         ) from None
+
+
+def _secagg_path(federation_id: str, round_number: int, stage: str) -> str:
+    return (
+        f"/v1/federations/{_segment(federation_id)}/rounds/{int(round_number)}"
+        f"/secagg/{_segment(stage)}"
+    )
 
 
 def _segment(value: str) -> str:

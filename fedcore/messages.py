@@ -15,6 +15,7 @@ __all__ = [
     "UPDATE_META_KEY",
     "Enrollment",
     "Receipt",
+    "SecAggSetup",
     "Task",
     "TaskAction",
     "TrainConfig",
@@ -45,7 +46,14 @@ class TaskAction(StrEnum):
 
 
 class Task(_Message):
-    """The answer to a client's check-in."""
+    """The answer to a client's check-in.
+
+    In a round with secure aggregation, `secure` is true and `stage` names
+    the SecAgg+ stage the client must answer now (`advertise-keys`,
+    `share-keys`, `masked-input` or `unmask`): the client fetches that
+    stage's server message and sends its reply (`Transport.fetch_secagg`,
+    `Transport.send_secagg`). It trains at the `masked-input` stage.
+    """
 
     action: TaskAction
     federation_id: str
@@ -53,6 +61,25 @@ class Task(_Message):
     model_version: str | None = None
     train: TrainConfig | None = None
     retry_after_s: float = Field(default=1.0, ge=0)
+    secure: bool = False
+    stage: str | None = None
+
+
+class SecAggSetup(_Message):
+    """What opens a secure round for a client: the round's setup and the cohort's keys.
+
+    Attributes:
+        setup: the encoded `privacy.secagg.RoundSetup` (base64 in JSON).
+        registry: client id -> its Ed25519 identity public key (hex), for
+            every client of the cohort, as registered at enrollment.
+    """
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+    setup: bytes
+    registry: dict[str, str]
 
 
 class UpdateMeta(_Message):
@@ -73,8 +100,13 @@ class Receipt(_Message):
 
 
 class Enrollment(_Message):
-    """A client credential, returned once in exchange for an enrollment token."""
+    """A client credential, returned once in exchange for an enrollment token.
+
+    `identity_key` echoes the Ed25519 public key (hex) the client registered,
+    if any; secure aggregation checks the client's signatures against it.
+    """
 
     federation_id: str
     client_id: str
     token: str
+    identity_key: str | None = None

@@ -2,7 +2,9 @@
 
 The SDK's HTTP transport (in `clients`) and the aggregator's in-process
 transport (for simulation) both satisfy it, so the same client loop runs
-over the network and inside one process.
+over the network and inside one process. Secure aggregation adds one
+exchange per SecAgg+ stage (`fetch_secagg`, `send_secagg`), carrying the
+encoded messages of `privacy.secagg` as opaque bytes.
 """
 
 from __future__ import annotations
@@ -30,4 +32,17 @@ class Transport(Protocol):
         self, federation_id: str, round_number: int, delta: ParameterSet, meta: UpdateMeta
     ) -> Receipt:
         """Upload the delta for `round_number` and return the durable receipt."""
+        ...
+
+    def fetch_secagg(self, federation_id: str, round_number: int, stage: str) -> bytes | None:
+        """Return the server message that opens `stage` of a secure round for this client.
+
+        For `advertise-keys` that is a `SecAggSetup` as JSON; for the later
+        stages the encoded `privacy.secagg` message. None: not ready yet,
+        ask again.
+        """
+        ...
+
+    def send_secagg(self, federation_id: str, round_number: int, stage: str, data: bytes) -> None:
+        """Send this client's message for `stage` of a secure round (durable on return)."""
         ...

@@ -23,6 +23,7 @@ TABLES = {
     "federations",
     "model_versions",
     "rounds",
+    "secagg_messages",
     "updates",
 }
 

@@ -31,6 +31,8 @@ from aggregator.records import (
     RoundPrivacy,
     RoundRecord,
     RoundStatus,
+    SecAggEntry,
+    SecAggMessageRecord,
     UpdateRecord,
 )
 from aggregator.store import Store, Transaction
@@ -90,6 +92,20 @@ def model(version: str = "m0", round_number: int = 0, created_at: float = 100.0)
         round=round_number,
         size_bytes=3_000_000_000,
         created_at=created_at,
+    )
+
+
+def entry(
+    seq: int, sender: str | None = "c0", number: int = 1, **fields: Any
+) -> SecAggMessageRecord:
+    values: dict[str, Any] = {
+        "stage": "advertise-keys",
+        "entry": SecAggEntry.ACCEPTED if sender is not None else SecAggEntry.CLOSE,
+        "received_at": 300.0 + seq,
+        "payload": None if sender is None else bytes([seq, 0, 255]),
+    }
+    return SecAggMessageRecord(
+        federation_id="f1", round=number, seq=seq, sender=sender, **(values | fields)
     )
 
 
@@ -325,6 +341,59 @@ def test_round_privacy_refuses_values_json_cannot_hold() -> None:
         RoundPrivacy(population=-1, clip_norm=1.0, seeded=False)
 
 
+def test_client_identity_key_and_round_setup_round_trip_as_bytes(store: AnyStore) -> None:
+    seed(store)
+    key = bytes(range(32))
+    setup = b"\x00setup\xff" * 50
+    with store.transaction() as tx:
+        tx.add_client(dataclasses.replace(client("c0"), identity_key=key))
+        tx.add_client(client("c1"))
+        tx.add_round(round_(1, secagg_setup=setup))
+        tx.add_round(round_(2))
+    with store.transaction() as tx:
+        got, plain = tx.get_client("c0"), tx.get_client("c1")
+        secure, other = tx.get_round("f1", 1), tx.get_round("f1", 2)
+    assert got is not None
+    assert plain is not None
+    assert (got.identity_key, plain.identity_key) == (key, None)
+    assert isinstance(got.identity_key, bytes)
+    assert secure is not None
+    assert other is not None
+    assert (secure.secagg_setup, other.secagg_setup) == (setup, None)
+    assert isinstance(secure.secagg_setup, bytes)
+
+
+def test_secagg_log_lists_entries_of_one_round_in_seq_order(store: AnyStore) -> None:
+    seed(store, clients=2, rounds=2)
+    written = [
+        entry(2, sender=None, stage="advertise-keys"),
+        entry(0, sender="c0"),
+        entry(1, sender="c1", entry=SecAggEntry.EXCLUDED, reason="bad signature"),
+        entry(3, sender="c0", stage="share-keys", payload=None, blob="ab" * 32),
+    ]
+    with store.transaction() as tx:
+        for record in written:
+            tx.add_secagg_message(record)
+        tx.add_secagg_message(entry(0, number=2))
+    with store.transaction() as tx:
+        got = tx.list_secagg_messages("f1", 1)
+        other = tx.list_secagg_messages("f1", 2)
+        none = tx.list_secagg_messages("f1", 7)
+    assert got == sorted(written, key=lambda r: r.seq)
+    assert [type(r.entry) for r in got] == [SecAggEntry] * 4
+    assert other == [entry(0, number=2)]
+    assert none == []
+
+
+def test_secagg_log_entries_refuse_inconsistent_fields() -> None:
+    with pytest.raises(ValueError, match="close entry"):
+        entry(0, sender=None, payload=b"x")
+    with pytest.raises(ValueError, match="exactly one"):
+        entry(0, blob="ab")
+    with pytest.raises(ValueError, match="exactly one"):
+        entry(0, payload=None)
+
+
 def test_every_federation_status_round_trips(store: AnyStore) -> None:
     seed(store)
     for status in FederationStatus:
@@ -445,6 +514,7 @@ DUPLICATES: dict[str, Callable[[Transaction], None]] = {
     "round": lambda tx: tx.add_round(round_(1, model_version="other")),
     "update": lambda tx: tx.add_update(update("c0", received_at=999.0)),
     "model": lambda tx: tx.add_model(model("m0", round_number=5)),
+    "secagg entry": lambda tx: tx.add_secagg_message(entry(0, sender=None)),
 }
 
 
@@ -456,6 +526,7 @@ def populated(store: AnyStore) -> AnyStore:
         tx.add_admin_token(admin())
         tx.add_update(update("c0"))
         tx.add_model(model("m0"))
+        tx.add_secagg_message(entry(0))
     return store
 
 
@@ -473,6 +544,7 @@ def add_one_of_each(tx: Transaction) -> None:
     tx.add_admin_token(admin())
     tx.add_update(update("c0"))
     tx.add_model(model("m0"))
+    tx.add_secagg_message(entry(0))
 
 
 @pytest.mark.parametrize("kind", sorted(DUPLICATES))
@@ -498,6 +570,8 @@ ORPHANS: dict[str, Callable[[Transaction], None]] = {
     "model": lambda tx: tx.add_model(
         ModelRecord(federation_id="nope", version="m", round=0, size_bytes=1, created_at=1)
     ),
+    "secagg entry of a missing round": lambda tx: tx.add_secagg_message(entry(0, number=42)),
+    "secagg entry of a missing client": lambda tx: tx.add_secagg_message(entry(0, sender="nope")),
 }
 
 
