@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PY_PACKAGES := fedcore aggregator clients privacy api
+# e.g. make demo DEMO_FLAGS=--secure-aggregation (or --dp-epsilon 8)
+DEMO_FLAGS ?=
 
 .PHONY: all setup check lint types layers docker-lint test demo bench clean
 
@@ -37,7 +39,7 @@ test: check
 	$(BIN)/pytest
 
 demo: $(STAMP)
-	$(BIN)/fedcore demo
+	$(BIN)/fedcore demo $(DEMO_FLAGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/aggregate.py
