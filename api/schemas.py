@@ -92,19 +92,8 @@ class RoundOut(_Out):
     @classmethod
     def of(cls, record: RoundRecord) -> RoundOut:
         """Describe `record`."""
-        return cls(
-            federation_id=record.federation_id,
-            number=record.number,
-            status=record.status,
-            model_version=record.model_version,
-            opened_at=record.opened_at,
-            deadline=record.deadline,
-            cohort=list(record.cohort),
-            closed_at=record.closed_at,
-            result_version=record.result_version,
-            metrics=dict(record.metrics),
-            reason=record.reason,
-        )
+        # Reads the declared fields only: nothing else of the record is shown.
+        return cls.model_validate(record, from_attributes=True)
 
 
 class ClientOut(_Out):
@@ -119,13 +108,8 @@ class ClientOut(_Out):
     @classmethod
     def of(cls, record: ClientRecord) -> ClientOut:
         """Describe `record`."""
-        return cls(
-            id=record.id,
-            federation_id=record.federation_id,
-            created_at=record.created_at,
-            last_seen=record.last_seen,
-            revoked=record.revoked,
-        )
+        # Reads the declared fields only: nothing else of the record is shown.
+        return cls.model_validate(record, from_attributes=True)
 
 
 class ModelOut(_Out):
@@ -140,13 +124,8 @@ class ModelOut(_Out):
     @classmethod
     def of(cls, record: ModelRecord) -> ModelOut:
         """Describe `record`."""
-        return cls(
-            federation_id=record.federation_id,
-            version=record.version,
-            round=record.round,
-            size_bytes=record.size_bytes,
-            created_at=record.created_at,
-        )
+        # Reads the declared fields only: nothing else of the record is shown.
+        return cls.model_validate(record, from_attributes=True)
 
 
 class RoundEpsilonOut(_Out):
