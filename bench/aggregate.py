@@ -16,7 +16,11 @@ measures, in the same process and on the same inputs in the same order:
   and `FedAvg.finish`; a fold includes `FedAvg.begin` and the page faults of
   its new float64 accumulator, whose cost alone is shown as "8P first touch";
 - the peak RSS growth above the inputs: the baseline is the RSS once every input
-  page is mapped and resident, the peak is `ru_maxrss` after the fold.
+  page is mapped and resident, the peak is `ru_maxrss` after the fold;
+- the one-off cost of the compiled loop (`fedcore.kernels`, where numba is
+  installed): the time and RSS growth of a first fold of one small update in
+  the process, which imports numba and loads the loop. It is paid before the
+  baseline above, as in a server that has folded a round before.
 
 Writing K distinct files of P float32 would need K * P * 4 bytes of disk (16 GB
 for K=400, P=1e7), so `--files` distinct updates (default 20) are written per P
@@ -44,7 +48,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from fedcore import FedAvg, ParameterSet, WeightedMean, fedavg, wire
+from fedcore import FedAvg, ParameterSet, WeightedMean, fedavg, kernels, wire
 
 BATCH = 16
 FULL = {"sizes": [1_000_000, 10_000_000], "counts": [10, 100, 400]}
@@ -190,9 +194,22 @@ def measure_memory(model: ParameterSet, updates: list[ParameterSet], count: int)
     }
 
 
+def load_compiled() -> dict[str, Any]:
+    """Fold one update just large enough for the compiled loop; return what that cost."""
+    small = ParameterSet({"w": np.ones(fedavg._COMPILED_MIN, np.float32)})
+    before, start = rss(), time.perf_counter()
+    FedAvg().begin(small).add(small, 1.0)
+    return {
+        "compiled": kernels.load() is not None,
+        "compiled_load_s": time.perf_counter() - start,
+        "compiled_load_bytes": rss() - before,
+    }
+
+
 def child(size: int, count: int, paths: list[Path], repeat: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"P": size, "K": count} | load_compiled()
     updates, model = open_inputs(paths, count)
-    result: dict[str, Any] = {"P": size, "K": count, "distinct": len(updates)}
+    result["distinct"] = len(updates)
     result |= measure_memory(model, updates, count)
     aggregate = fold_many(model, updates, count)
     # The fold's thread count is its own choice (the CPUs it may use, capped).
@@ -314,6 +331,13 @@ def main() -> None:
     print("/ floor T = time / fastest read of the inputs split over the fold's T threads.")
     print("peak / 4P: peak RSS growth over the resident inputs in units of the float32 model")
     print("size (target <= 3, flat in K).")
+    if rows[0]["compiled"]:
+        load_s = max(r["compiled_load_s"] for r in rows)
+        load_mb = max(r["compiled_load_bytes"] for r in rows) / 2**20
+        print("Compiled loop: numba loaded once per process before the baseline, in at most")
+        print(f"{load_s:.2f} s and {load_mb:.0f} MB of RSS.")
+    else:
+        print("numba is not installed: numpy folds everything.")
     print_table(rows)
 
 

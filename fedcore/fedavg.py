@@ -15,23 +15,33 @@ differences modulo 2**bits (see `ParameterSet.subtract`) and are read as
 signed, so a uint8 delta of 255 counts as -1; boolean tensors are integers
 modulo 2, so a flag flips where the weighted majority of clients flipped it.
 
-Folding is blocked, batched and shared between threads. `WeightedMean.add_many`
-takes up to 16 updates at a time; for each block of the accumulator it widens
-the same block of up to 8 updates to float64 into a staging array (one
-`np.concatenate`) and reduces the stage with the weights in one stack of small
-matrix-vector products (one `np.matmul`), so the accumulator block is loaded
-and stored once per 8 updates instead of once per update (per fewer for
-smaller models, whose staging arrays are kept to a quarter of the model's
-size).
+Folding is batched and shared between threads. `WeightedMean.add_many`
+takes up to 16 updates at a time and cuts each tensor into pieces that the
+calling thread and one helper thread per further CPU (at most 8 in all) take
+in turn. A piece is folded by one of two loops:
 
-Threads, because one core cannot keep up with memory: numpy's float32 ->
-float64 cast takes about 0.13 ns per value even within L1 cache on the
-machine this was tuned on, where one core reads memory at about 0.11 ns per
-float32 value. Widening memory-mapped inputs alone takes 1.5x the time of
-reading them, the weighted sum about 0.8x more, and numpy has no loop that
-widens, multiplies and adds in one pass. numpy releases the GIL inside every
-call that matters here, so the blocks are handed out to one thread per CPU
-(at most 8), each with its own stage; the calling thread takes blocks too.
+- the compiled loop of `fedcore.kernels` (numba, an optional dependency) for
+  float32 updates of tensors of 65,536 elements or more: it widens, weighs
+  and sums the batch in one pass over the inputs, in float64, and reads and
+  writes the accumulator once per batch. It is bound by memory: besides the
+  inputs it moves only the accumulator (16 bytes per parameter per batch of
+  16 updates, against 64 bytes of inputs), and on one thread folds of 100 or
+  400 memory-mapped updates took 1.08 to 1.19x the time of reading the
+  inputs (bench/aggregate.py);
+- numpy for everything else (other dtypes, small tensors, and every tensor
+  where numba is not installed): for each block of the accumulator it widens
+  the same block of up to 8 updates to float64 into a staging array (one
+  `np.concatenate`) and reduces the stage with the weights in one stack of
+  small matrix-vector products (one `np.matmul`), so the accumulator block is
+  loaded and stored once per 8 updates instead of once per update (per fewer
+  for smaller models, whose staging arrays are kept to a quarter of the
+  model's size). numpy's float32 -> float64 cast takes about 0.13 ns per
+  value even within L1 cache on the machine this was tuned on, where one core
+  reads memory at about 0.11 ns per float32 value: widening memory-mapped
+  inputs alone takes 1.5x the time of reading them and the weighted sum about
+  0.8x more, which is why the compiled loop exists. numpy releases the GIL
+  inside every call that matters here, so its threads share the work too.
+
 `bench/aggregate.py` measures the fold against a one-thread read of the
 inputs and against a read shared by as many threads as the fold uses.
 """
@@ -46,6 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedcore import kernels
 from fedcore.parameters import Array, ParameterSet, TensorSpec
 
 __all__ = ["FedAvg", "WeightedMean"]
@@ -90,6 +101,14 @@ _MAX_LANES = 8
 _PARALLEL_MIN = 1 << 20
 # Elements per step when `finish` combines the model with the mean.
 _CHUNK = 1 << 16
+# Tensors of at least this many elements are folded by the compiled loop:
+# loading it costs about a second once per process (see `fedcore.kernels`),
+# which small models, such as those of most simulations, never pay.
+_COMPILED_MIN = 1 << 16
+# Elements per piece folded by the compiled loop. Each call costs about 3 us
+# (numba's dispatch), under 1% of a piece of 16 updates; smaller pieces
+# share the work more evenly between threads that other processes delay.
+_SPAN = 1 << 17
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +120,23 @@ class _Lane:
 
 
 @dataclass(frozen=True, slots=True)
+class _Part:
+    """One tensor's share of a batch: its accumulator and inputs, split by loop."""
+
+    acc: Array
+    flats: list[Array]  # (1, size) views, folded with numpy
+    weights: Array  # float64, one per flat
+    compiled: kernels.WeightedSum | None
+    packed: tuple[Array, ...]  # float32 vectors for `compiled`, padded to _MAX_BATCH
+    packed_weights: Array  # float64, one per vector of `packed` to fold
+    overwrite: bool  # `compiled` writes `acc` rather than adds to it: nothing was folded yet
+
+
+@dataclass(frozen=True, slots=True)
 class _Piece:
     """A range of one tensor's accumulator and the matching inputs."""
 
-    acc: Array
-    flats: list[Array]
+    part: _Part
     lo: int
     hi: int
 
@@ -133,14 +164,16 @@ class WeightedMean:
     collected. One aggregate takes one fold at a time.
     """
 
-    __slots__ = ("_acc", "_count", "_lanes", "_pool", "_spec", "_total")
+    __slots__ = ("_acc", "_count", "_fresh", "_lanes", "_pool", "_spec", "_total")
 
     def __init__(self, spec: Mapping[str, TensorSpec]) -> None:
         self._spec = dict(spec)
-        # np.full, not np.zeros: np.zeros maps the pages lazily, and the fold's
-        # threads then fault them in together, which took 20 ms for P=1e7
-        # where one thread writing them here takes 7.
-        self._acc = {name: np.full(s.size, 0.0) for name, s in self._spec.items()}
+        self._acc = _accumulators(self._spec)
+        # Tensors nothing was folded into: the compiled loop writes their
+        # first batch instead of adding it to zeros, which saves a pass over
+        # the accumulator (at P=1e7 and K=10 the fold took 1.6x a one-thread
+        # read of the inputs instead of 2.1x).
+        self._fresh = set(self._acc)
         self._lanes = _lanes(sum(s.size for s in self._spec.values()))
         # Created on the first batch large enough to share; its threads end
         # when this aggregate is collected.
@@ -172,8 +205,8 @@ class WeightedMean:
 
         The result equals one `add` per pair up to float64 rounding. Updates
         are folded 16 at a time, and the accumulator is read and written once
-        per 8 of them, so a server that holds its pending updates
-        memory-mapped should hand them over together.
+        per batch (once per 8 updates where numpy folds), so a server that
+        holds its pending updates memory-mapped should hand them over together.
         Every pair is checked before any is folded: if one is invalid, none is.
 
         Raises:
@@ -215,22 +248,25 @@ class WeightedMean:
                 )
 
     def _fold(self, group: list[tuple[Mapping[str, Array], float]]) -> None:
-        weights = np.array([weight for _, weight in group], dtype=np.float64)
+        weights = [weight for _, weight in group]
         # One step of one tensor per piece: threads that the scheduler delays
         # then take fewer pieces, and taking one costs next to nothing.
         row = self._lanes[0].out.size
         pieces = []
         for name, acc in self._acc.items():
-            flats = [_signed_flat(delta[name]) for delta, _ in group]
+            deltas = [delta[name] for delta, _ in group]
+            part = _split(acc, deltas, weights, fresh=name in self._fresh)
+            self._fresh.discard(name)
+            step = row if part.flats else _SPAN
             pieces += [
-                _Piece(acc, flats, lo, min(lo + row, acc.size)) for lo in range(0, acc.size, row)
+                _Piece(part, lo, min(lo + step, acc.size)) for lo in range(0, acc.size, step)
             ]
         work = _Pieces(pieces)
         helpers = self._lanes[1:] if len(group) * _size(self._acc) >= _PARALLEL_MIN else []
         helpers = helpers[: len(pieces) - 1]
-        futures = [self._executor().submit(_drain, work, weights, lane) for lane in helpers]
+        futures = [self._executor().submit(_drain, work, lane) for lane in helpers]
         try:
-            _drain(work, weights, self._lanes[0])
+            _drain(work, self._lanes[0])
         finally:
             # The helpers write into the accumulators: never return before them.
             wait(futures)
@@ -255,6 +291,19 @@ def _size(acc: Mapping[str, Array]) -> int:
     return sum(a.size for a in acc.values())
 
 
+def _accumulators(spec: Mapping[str, TensorSpec]) -> dict[str, Array]:
+    """Return a float64 vector of zeros per tensor, views of one allocation."""
+    # np.zeros maps the pages lazily: the first batch writes them. One block
+    # rather than one per tensor: at P=1e6, faulting in four arrays took
+    # 1.6 ms where one took 0.7 (malloc returns smaller blocks to the system
+    # and takes them back, page by page, on every round).
+    flat = np.zeros(sum(s.size for s in spec.values()))
+    ends = np.cumsum([s.size for s in spec.values()]).tolist()
+    return {
+        name: flat[end - s.size : end] for (name, s), end in zip(spec.items(), ends, strict=True)
+    }
+
+
 def _lanes(size: int) -> list[_Lane]:
     """Return the scratch of each folding thread for a model of `size` elements."""
     lanes = _thread_count()
@@ -276,6 +325,38 @@ def _thread_count() -> int:
     return max(1, min(cpus or 1, _MAX_LANES))
 
 
+def _split(acc: Array, deltas: list[Array], weights: list[float], *, fresh: bool) -> _Part:
+    """Return one tensor's share of a batch, its inputs split by the loop that folds them.
+
+    `fresh`: nothing was folded into `acc` yet (its pages are not mapped).
+    """
+    compiled = kernels.load() if acc.size >= _COMPILED_MIN else None
+    flats, packed, flat_weights, packed_weights = [], [], [], []
+    for delta, weight in zip(deltas, weights, strict=True):
+        flat = _signed_flat(delta)
+        if compiled is not None and flat.dtype == np.float32 and flat.flags.aligned:
+            packed.append(_read_only(flat[0]))
+            packed_weights.append(weight)
+        else:
+            flats.append(flat)
+            flat_weights.append(weight)
+    if fresh and not packed:
+        # Map the pages here: numpy's threads faulting them in together took
+        # 20 ms for P=1e7, where one thread writing them takes 7.
+        acc.fill(0.0)
+    # A tuple of one length and one element type: numba compiles the loop once.
+    padding = [packed[0]] * (_MAX_BATCH - len(packed)) if packed else []
+    return _Part(
+        acc=acc,
+        flats=flats,
+        weights=np.array(flat_weights, dtype=np.float64),
+        compiled=compiled,
+        packed=tuple(packed + padding),
+        packed_weights=np.array(packed_weights, dtype=np.float64),
+        overwrite=fresh,
+    )
+
+
 def _signed_flat(delta: Array) -> Array:
     """Return `delta` as a (1, size) view, unsigned integers read as signed."""
     # asarray drops the np.memmap subclass of memory-mapped updates: slicing a
@@ -287,17 +368,30 @@ def _signed_flat(delta: Array) -> Array:
     return flat
 
 
-def _drain(work: _Pieces, weights: Array, lane: _Lane) -> None:
+def _read_only(vector: Array) -> Array:
+    """Return a read-only view of `vector`."""
+    # numba types writeable and read-only arrays apart, and memory-mapped
+    # updates are read-only: all inputs are, so the tuple has one type.
+    view = vector.view()
+    view.flags.writeable = False
+    return view
+
+
+def _drain(work: _Pieces, lane: _Lane) -> None:
     """Fold pieces of `work` with `lane`'s scratch until none is left."""
     while (piece := work.take()) is not None:
-        _fold_piece(piece, weights, lane)
+        part, lo, hi = piece.part, piece.lo, piece.hi
+        if part.compiled is not None and part.packed_weights.size:
+            acc = part.acc[lo:hi]
+            part.compiled(acc, part.packed, part.packed_weights, lo, part.overwrite)
+        if part.flats:
+            _fold_staged(part, lo, hi, lane)
 
 
-def _fold_piece(piece: _Piece, weights: Array, lane: _Lane) -> None:
-    """Add `weights @ flats[lo:hi]` to `acc[lo:hi]`, a stage of inputs at a time."""
-    lo, hi = piece.lo, piece.hi
-    acc, folded = piece.acc[lo:hi], lane.out[: hi - lo]
-    blocks = [flat[:, lo:hi] for flat in piece.flats]
+def _fold_staged(part: _Part, lo: int, hi: int, lane: _Lane) -> None:
+    """Add `part.weights @ part.flats[lo:hi]` to `part.acc[lo:hi]`, a stage of inputs at a time."""
+    acc, folded = part.acc[lo:hi], lane.out[: hi - lo]
+    blocks = [flat[:, lo:hi] for flat in part.flats]
     depth = len(lane.stage)
     for first in range(0, len(blocks), depth):
         rows = lane.stage[: len(blocks) - first, : hi - lo]
@@ -305,7 +399,7 @@ def _fold_piece(piece: _Piece, weights: Array, lane: _Lane) -> None:
         # bfloat16 and integers all convert exactly); products and sums are
         # then exact to float64 rounding.
         np.concatenate(blocks[first : first + depth], axis=0, out=rows)
-        _weigh(weights[first : first + depth], rows, out=folded)
+        _weigh(part.weights[first : first + depth], rows, out=folded)
         acc += folded
 
 

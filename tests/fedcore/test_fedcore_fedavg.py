@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 
 import ml_dtypes
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedcore import FedAvg, ParameterSet, WeightedMean, fedavg
+from fedcore import FedAvg, ParameterSet, WeightedMean, fedavg, kernels
 from fedcore.parameters import Array
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None)
@@ -55,6 +56,21 @@ def assert_close_to_reference(got: dict[str, Array], want: dict[str, Array]) -> 
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
 
 
+NO_NUMBA = "numba is not installed: numpy folds every tensor"
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def fold_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Fold every tensor with the compiled loop, or every tensor with numpy."""
+    if request.param == "compiled":
+        if kernels.load() is None:
+            pytest.skip(NO_NUMBA)
+        monkeypatch.setattr(fedavg, "_COMPILED_MIN", 0)
+    else:
+        monkeypatch.setattr(fedavg, "_COMPILED_MIN", sys.maxsize)
+    return str(request.param)
+
+
 @PROPERTY
 @given(rounds())
 def test_streaming_mean_equals_float64_reference(
@@ -89,6 +105,29 @@ def test_streaming_mean_is_independent_of_arrival_order(
 
 
 @PROPERTY
+@given(rounds(), st.randoms(use_true_random=False))
+def test_compiled_fold_equals_float64_reference_in_any_order(
+    case: tuple[list[dict[str, Array]], list[float]], rng: object
+) -> None:
+    if kernels.load() is None:
+        pytest.skip(NO_NUMBA)
+    deltas, ws = case
+    order = list(range(len(deltas)))
+    rng.shuffle(order)  # type: ignore[attr-defined]
+    with pytest.MonkeyPatch.context() as patch:
+        # Every tensor, however small, through the compiled loop.
+        patch.setattr(fedavg, "_COMPILED_MIN", 0)
+        one = WeightedMean(ParameterSet(deltas[0]).spec())
+        for i in order:
+            one.add(deltas[i], ws[i])
+        many = WeightedMean(ParameterSet(deltas[0]).spec())
+        many.add_many((deltas[i], ws[i]) for i in order)
+    want = reference_mean(deltas, ws)
+    assert_close_to_reference(one.mean(), want)
+    assert_close_to_reference(many.mean(), want)
+
+
+@PROPERTY
 @given(rounds(), st.integers(1, 7))
 def test_add_many_equals_one_add_per_update(
     case: tuple[list[dict[str, Array]], list[float]], batch: int
@@ -106,7 +145,7 @@ def test_add_many_equals_one_add_per_update(
     assert_close_to_reference(many.mean(), reference_mean(deltas, ws))
 
 
-def test_add_many_folds_large_tensors_and_batches_over_the_block_size() -> None:
+def test_add_many_folds_large_tensors_and_batches_over_the_block_size(fold_loop: str) -> None:
     # 40 updates (three batches of at most 16) of a tensor longer than one
     # staging block, with a ragged tail, plus a small tensor.
     rng = np.random.default_rng(7)
@@ -372,15 +411,18 @@ def large_round(seed: int) -> tuple[list[dict[str, Array]], list[float]]:
 
 
 def test_fold_shared_between_threads_equals_one_thread_and_the_reference(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, fold_loop: str
 ) -> None:
     deltas, ws = large_round(11)
     spec = ParameterSet(deltas[0]).spec()
+    # Pieces of the compiled loop as short as numpy's, so that three threads share them.
+    monkeypatch.setattr(fedavg, "_SPAN", 4096)
     monkeypatch.setattr(fedavg, "_thread_count", lambda: 1)
     alone = WeightedMean(spec)
     before = fold_threads()
     alone.add_many(zip(deltas, ws, strict=True))
-    assert fold_threads() == before
+    # No thread started; those of earlier aggregates may have ended since.
+    assert not fold_threads() - before
     # Three threads, whatever this machine has: pieces are shared unevenly.
     monkeypatch.setattr(fedavg, "_thread_count", lambda: 3)
     shared = WeightedMean(spec)
@@ -411,7 +453,7 @@ def test_fold_threads_end_when_the_aggregate_is_collected(
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_updates_that_cancel_leave_exactly_the_small_remainder(
-    monkeypatch: pytest.MonkeyPatch, threads: int
+    monkeypatch: pytest.MonkeyPatch, threads: int, fold_loop: str
 ) -> None:
     # Pairs of updates of 1e4 to 1e5 that cancel, and one update of 1 to 2:
     # the weighted sum is about 2e6 times smaller than the sum of the
@@ -442,3 +484,125 @@ def test_updates_that_cancel_leave_exactly_the_small_remainder(
     want = small["w"].astype(np.float64) * 5.0 / sum(ws)
     np.testing.assert_array_equal(agg.mean()["w"], want)
     np.testing.assert_allclose(agg.mean()["w"], reference_mean(deltas, ws)["w"], rtol=1e-6, atol=0)
+
+
+def weighted_sum_case(size: int, count: int, seed: int) -> tuple[tuple[Array, ...], Array, Array]:
+    """Return `count` read-only float32 inputs padded to a batch, their weights, and acc."""
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal(size).astype(np.float32) for _ in range(count)]
+    for x in inputs:
+        x.flags.writeable = False
+    padded = tuple(inputs + [inputs[0]] * (fedavg._MAX_BATCH - count))
+    return padded, rng.uniform(0.0, 100.0, count), rng.standard_normal(size)
+
+
+def weighted_sum_reference(
+    acc: Array, inputs: tuple[Array, ...], weights: Array, offset: int, overwrite: bool
+) -> Array:
+    stop = offset + acc.size
+    total = sum(
+        w * x[offset:stop].astype(np.float64) for w, x in zip(weights, inputs, strict=False)
+    )
+    return np.asarray(total if overwrite else acc + total)
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 11, 16])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_weighted_sum_loop_as_plain_python_matches_the_reference(
+    count: int, overwrite: bool
+) -> None:
+    # The loop numba compiles, run by the interpreter (no numba needed): two
+    # blocks and a ragged third, from an offset, in groups of 8 and singles.
+    inputs, weights, start = weighted_sum_case(4500, count, seed=count)
+    acc = start[7 : 7 + 2 * 2048 + 9].copy()
+    want = weighted_sum_reference(acc, inputs, weights, 7, overwrite)
+    kernels._weighted_sum(acc, inputs, weights, 7, overwrite)
+    np.testing.assert_allclose(acc, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("count", range(1, 17))
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_compiled_weighted_sum_matches_the_reference(count: int, overwrite: bool) -> None:
+    compiled = kernels.load()
+    if compiled is None:
+        pytest.skip(NO_NUMBA)
+    inputs, weights, start = weighted_sum_case(70_001, count, seed=100 + count)
+    for offset, stop in [(0, 70_001), (3, 5), (4099, 66_000)]:
+        acc = start[offset:stop].copy()
+        want = weighted_sum_reference(acc, inputs, weights, offset, overwrite)
+        compiled(acc, inputs, weights, offset, overwrite)
+        np.testing.assert_allclose(acc, want, rtol=1e-12, atol=1e-12)
+    # Only the range asked for is written.
+    whole = start.copy()
+    compiled(whole[10:20], inputs, weights, 10, overwrite)
+    np.testing.assert_array_equal(whole[:10], start[:10])
+    np.testing.assert_array_equal(whole[20:], start[20:])
+
+
+def test_compiled_and_numpy_folds_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    if kernels.load() is None:
+        pytest.skip(NO_NUMBA)
+    rng = np.random.default_rng(21)
+    deltas = [
+        {
+            "big": rng.standard_normal(140_001).astype(np.float32),
+            "small": rng.standard_normal((2, 3)).astype(np.float32),
+            "scalar": np.array(rng.standard_normal(), dtype=np.float32),
+        }
+        for _ in range(37)
+    ]
+    ws = [float(w) for w in rng.integers(0, 50, size=37)]
+    spec = ParameterSet(deltas[0]).spec()
+    means = {}
+    for loop, least in [("compiled", 0), ("numpy", sys.maxsize)]:
+        monkeypatch.setattr(fedavg, "_COMPILED_MIN", least)
+        agg = WeightedMean(spec)
+        agg.add(deltas[0], ws[0])
+        agg.add_many(zip(deltas[1:], ws[1:], strict=True))
+        means[loop] = agg.mean()
+    # The compiled loop took every float32 input, numpy none.
+    monkeypatch.setattr(fedavg, "_COMPILED_MIN", 0)
+    part = fedavg._split(np.zeros(3), [np.ones(3, np.float32)] * 2, [1.0, 2.0], fresh=False)
+    assert part.packed_weights.size == 2
+    assert not part.flats
+    want = reference_mean(deltas, ws)
+    for name in want:
+        np.testing.assert_allclose(means["compiled"][name], means["numpy"][name], rtol=1e-12)
+        np.testing.assert_allclose(means["compiled"][name], want[name], rtol=1e-6, atol=1e-12)
+
+
+def unaligned(values: Array) -> Array:
+    """Return a copy of float32 `values` that starts one byte past an aligned address."""
+    data = np.frombuffer(b"\0" + values.tobytes(), dtype=np.uint8)
+    out = data[1:].view(np.float32)
+    assert not out.flags.aligned
+    return out
+
+
+def test_fold_over_mixed_dtypes_matches_the_reference(fold_loop: str) -> None:
+    # One batch mixes float32 (aligned or not), float16, bfloat16 and float64
+    # inputs of one tensor; the first batch of "late" has no float32 input,
+    # and an integer counter rides along.
+    rng = np.random.default_rng(31)
+    n = 70_003
+    kinds = [np.float32, np.float16, BF16, np.float64, "unaligned"]
+    deltas = []
+    for i in range(23):
+        kind = kinds[i % len(kinds)]
+        base = rng.standard_normal(n).astype(np.float32)
+        big = unaligned(base) if kind == "unaligned" else base.astype(kind)
+        late = rng.standard_normal(n).astype(np.float16 if i < 16 else np.float32)
+        deltas.append({"big": big, "late": late, "n": np.array(i % 4, dtype=np.int64)})
+    ws = [float(w) for w in rng.integers(1, 50, size=23)]
+    model = ParameterSet(
+        {"big": np.zeros(n, np.float32), "late": np.zeros(n, np.float32), "n": np.array(7)}
+    )
+    strategy = FedAvg()
+    agg = strategy.begin(model)
+    agg.add_many(zip(deltas, ws, strict=True))
+    want = reference_mean(deltas, ws)
+    for name in ("big", "late"):
+        np.testing.assert_allclose(agg.mean()[name], want[name], rtol=1e-12, atol=1e-12)
+    nxt = strategy.finish(model, agg)
+    assert nxt["big"].dtype == np.float32
+    assert nxt["n"] == 7 + np.rint(want["n"])
