@@ -14,9 +14,12 @@ Three parts, printed as tables:
    run, is the plain float sum of the same N vectors. Dropouts happen after
    share-keys and before masked-input (the costly case: the server rebuilds
    the dropped clients' mask keys and removes their pairwise masks). Client
-   and server CPU time (time.process_time) are reported separately; the
-   critical path adds, per stage, the slowest client and the server, i.e. the
-   round's compute latency when the clients run on their own devices.
+   and server CPU time (time.thread_time of the threads that ran them) are
+   reported separately; the critical path adds, per stage, the slowest client
+   and the server, i.e. the round's compute latency when the clients run on
+   their own devices. Each row runs once per `--workers` value: 1 runs the
+   whole round on one thread, more run the clients of each stage on a pool of
+   that many threads (`simulate_round(workers=...)`), in the same run.
 
 Graph parameters come from `choose_parameters` (Bell et al.'s bound) for the
 threat model of the row: corrupt fraction `--corrupt` (default 0.05), and
@@ -24,7 +27,7 @@ design dropout fraction 0.1 for the rows with 0% and 10% dropouts, 0.3 for
 the rows with 30%.
 
 Run: .venv/bin/python bench/secagg.py [--quick] [--clients N ...]
-     [--dropouts F ...] [--corrupt GAMMA]
+     [--dropouts F ...] [--corrupt GAMMA] [--workers W ...]
 """
 
 from __future__ import annotations
@@ -114,7 +117,9 @@ def fleet(count: int, length: int) -> tuple[list[str], dict[str, ClientIdentity]
     return ids, identities, updates
 
 
-def bench_round(count: int, dropout: float, repeat: int, corrupt: float) -> dict[str, float]:
+def bench_round(
+    count: int, dropout: float, repeat: int, corrupt: float, workers: int = 1
+) -> dict[str, float]:
     ids, identities, updates = fleet(count, PARAMETERS)
     design = 0.3 if dropout > 0.1 else 0.1
     config = SecAggConfig(
@@ -139,7 +144,9 @@ def bench_round(count: int, dropout: float, repeat: int, corrupt: float) -> dict
             for i, (c, u) in enumerate(zip(ids, updates, strict=True))
         ]
         start = time.perf_counter()
-        report = simulate_round(setup, clients, dropouts=Dropouts(masked_input=vanished))
+        report = simulate_round(
+            setup, clients, dropouts=Dropouts(masked_input=vanished), workers=workers
+        )
         wall = time.perf_counter() - start
         assert report.result is not None, report.failure
         if not figures or wall < figures["wall"]:
@@ -153,26 +160,32 @@ def bench_round(count: int, dropout: float, repeat: int, corrupt: float) -> dict
     return figures
 
 
-def bench_rounds(counts: list[int], dropouts: list[float], corrupt: float) -> None:
+def bench_rounds(
+    counts: list[int], dropouts: list[float], corrupt: float, workers: list[int]
+) -> None:
     print(
         f"\n## whole rounds, P = {PARAMETERS:.0e}, dropouts after share-keys, "
-        f"corrupt fraction {corrupt}\n"
+        f"corrupt fraction {corrupt}, {os.cpu_count()} CPUs\n"
     )
     print(
-        "| N | dropout | k | t | plain sum ms | secagg wall s | / plain | client CPU s "
-        "| client CPU per client ms | server CPU s | critical path s |"
+        "| N | dropout | k | t | workers | plain sum ms | secagg wall s | / plain "
+        "| client CPU s | client CPU per client ms | server CPU s | critical path s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for count in counts:
         for dropout in dropouts:
-            f = bench_round(count, dropout, repeat=3 if count <= 100 else 1, corrupt=corrupt)
-            print(
-                f"| {count} | {dropout:.0%} | {f['degree']:.0f} | {f['threshold']:.0f} "
-                f"| {f['plain'] * 1e3:.2f} | {f['wall']:.2f} | {f['wall'] / f['plain']:.0f}x "
-                f"| {f['client']:.2f} | {f['client'] / count * 1e3:.1f} | {f['server']:.2f} "
-                f"| {f['critical']:.2f} |",
-                flush=True,
-            )
+            for pool in workers:
+                f = bench_round(
+                    count, dropout, repeat=3 if count <= 100 else 1, corrupt=corrupt, workers=pool
+                )
+                print(
+                    f"| {count} | {dropout:.0%} | {f['degree']:.0f} | {f['threshold']:.0f} "
+                    f"| {pool} | {f['plain'] * 1e3:.2f} | {f['wall']:.2f} "
+                    f"| {f['wall'] / f['plain']:.0f}x | {f['client']:.2f} "
+                    f"| {f['client'] / count * 1e3:.1f} | {f['server']:.2f} "
+                    f"| {f['critical']:.2f} |",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -181,12 +194,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="*", help="only these N (rounds only)")
     parser.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.1, 0.3])
     parser.add_argument("--corrupt", type=float, default=0.05, help="gamma of the threat model")
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[1, 2], help="client threads per round"
+    )
     args = parser.parse_args()
     if not args.clients:
         bench_masks(10_000_000 if not args.quick else 1_000_000, repeat=5)
         bench_shamir(repeat=20)
     counts = args.clients or ([10, 50, 100] if args.quick else [10, 50, 100, 500])
-    bench_rounds(counts, args.dropouts, args.corrupt)
+    bench_rounds(counts, args.dropouts, args.corrupt, args.workers)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from privacy.secagg.errors import ProtocolViolation
-from privacy.secagg.transcript import frame
+from privacy.secagg.transcript import extend, prefix
 
 __all__ = ["NONCE_BYTES", "TAG_BYTES", "decrypt", "encrypt", "share_context"]
 
@@ -23,7 +23,7 @@ TAG_BYTES = 16
 
 def share_context(*, federation_id: str, round: int, sender: str, receiver: str) -> bytes:
     """Return the associated data of a share sent from `sender` to `receiver`."""
-    return frame("share-ciphertext", federation_id, round, sender, receiver)
+    return extend(prefix("share-ciphertext", federation_id, round), sender, receiver)
 
 
 def encrypt(key: bytes, plaintext: bytes, *, associated_data: bytes, nonce: bytes) -> bytes:

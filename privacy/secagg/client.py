@@ -34,7 +34,7 @@ A repeated call with the same message returns the same reply (safe retries).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -70,7 +70,7 @@ from privacy.secagg.messages import (
     UnmaskResponse,
 )
 from privacy.secagg.prg import Mask, apply_masks, pairwise_sign, ring_dtype
-from privacy.secagg.shamir import decode_share, encode_share, split
+from privacy.secagg.shamir import decode_shares, encode_share, split
 
 __all__ = ["SecAggClient"]
 
@@ -251,10 +251,13 @@ class SecAggClient:
             threshold=setup.threshold,
             entropy=self._entropy,
         )
+        # Row i holds the key share then the seed share of holders[i]: encoded
+        # at once, each pair is one slice of 2 * SHARE_BYTES.
+        encoded, width = encode_share(rows), 2 * SHARE_BYTES
         shares = []
-        for holder, row in zip(holders, rows, strict=True):
-            key_share, seed_share = encode_share(row[:SHARE_LIMBS]), encode_share(row[SHARE_LIMBS:])
-            shares.append(self._seal(holder, key_share, seed_share))
+        for at, holder in zip(range(0, len(encoded), width), holders, strict=True):
+            middle = at + SHARE_BYTES
+            shares.append(self._seal(holder, encoded[at:middle], encoded[middle : at + width]))
         commitment = seed_commitment(
             federation_id=setup.federation_id, round=setup.round, owner=self._id, seed=self._seed
         )
@@ -321,9 +324,56 @@ class SecAggClient:
             ProtocolViolation: a replayed or misaddressed delivery, a sender that
                 was not in this client's roster, fewer than t senders, or a
                 second, different delivery.
-            RoundStateError: called before `share_keys`.
+            RoundStateError: called before `share_keys`, or the round takes
+                ring vectors (`masked_ring_input`).
             ValueError: the update has the wrong length or weight is out of range.
         """
+        quantization = self._setup.quantization
+        if quantization is None:
+            raise RoundStateError("this round takes ring vectors: use masked_ring_input")
+
+        def encode() -> Array:
+            generator = rng if rng is not None else np.random.default_rng()
+            return quantization.encode(update, weight=weight, rng=generator)
+
+        return self._mask(delivery, np.shape(update), encode)
+
+    def masked_ring_input(self, delivery: ShareDelivery, codes: Array) -> MaskedInput:
+        """Keep the neighbours' shares and mask a vector already encoded in the ring.
+
+        For rounds without quantization (`RoundSetup.quantization` is None),
+        whose inputs the caller encoded itself, e.g. with the distributed
+        discrete Gaussian of `privacy.dp.distributed`.
+
+        Args:
+            delivery: the shares the neighbours sent this client.
+            codes: `vector_length` integers in [0, 2^ring_bits).
+
+        Raises:
+            ProtocolViolation: as `masked_input`.
+            RoundStateError: called before `share_keys`, or the round quantizes.
+            ValueError: the vector has the wrong length, or values outside the ring.
+        """
+        setup = self._setup
+        if setup.quantization is not None:
+            raise RoundStateError("this round quantizes updates: use masked_input")
+
+        def encode() -> Array:
+            values = np.asarray(codes)
+            if values.dtype.kind not in "iu" or (
+                values.size and (values.min() < 0 or int(values.max()) >> setup.ring_bits)
+            ):
+                raise ValueError(f"the vector must hold integers in [0, 2^{setup.ring_bits})")
+            # A copy: the masks are added in place, and the caller keeps its codes.
+            ring: Array = values.astype(ring_dtype(setup.ring_bits))
+            return ring
+
+        return self._mask(delivery, np.shape(codes), encode)
+
+    def _mask(
+        self, delivery: ShareDelivery, shape: tuple[int, ...], encode: Callable[[], Array]
+    ) -> MaskedInput:
+        """Check the delivery, keep its shares and mask `encode()`, a fresh vector it may own."""
         with self._guard():
             if self._shared is None:
                 raise RoundStateError("share_keys must come before masked_input")
@@ -332,18 +382,17 @@ class SecAggClient:
                     raise ProtocolViolation("a second, different share delivery from the server")
                 return self._masked[1]
             setup = self._setup
-            if np.shape(update) != (setup.vector_length,):
+            if shape != (setup.vector_length,):
                 raise ValueError(
-                    f"the update has shape {np.shape(update)}; the round expects "
-                    f"({setup.vector_length},)"
+                    f"the update has shape {shape}; the round expects ({setup.vector_length},)"
                 )
             self._check_delivery(delivery)
-            codes = setup.quantization.encode(
-                update, weight=weight, rng=rng if rng is not None else np.random.default_rng()
-            )
+            codes = encode()
             self._held = {s.sender: pair for s in delivery.shares if (pair := self._open(s))}
             self._delivered = frozenset(s.sender for s in delivery.shares)
-            vector = codes.astype(ring_dtype(setup.ring_bits))
+            # `encode` returns a fresh vector: uint32 codes already are the
+            # ring vector of a ring of at most 32 bits (no copy).
+            vector = np.asarray(codes, dtype=ring_dtype(setup.ring_bits))
             apply_masks(vector, self._masks(), ring_bits=setup.ring_bits)
             data = vector.astype(vector.dtype.newbyteorder("<"), copy=False).tobytes()
             message = MaskedInput(setup.federation_id, setup.round, self._id, setup.ring_bits, data)
@@ -377,11 +426,12 @@ class SecAggClient:
             plain = decrypt(
                 self._cipher_key(forwarded.sender), forwarded.ciphertext, associated_data=context
             )
-            key_share, seed_share = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
-            decode_share(key_share, SHARE_LIMBS)
-            decode_share(seed_share, SHARE_LIMBS)
+            if len(plain) != 2 * SHARE_BYTES:
+                return None
+            decode_shares(plain, SHARE_LIMBS)
         except (ProtocolViolation, ValueError):
             return None
+        key_share, seed_share = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
         dealer = forwarded.sender
         if (
             self._commit(ShareKind.KEY, dealer, self._id, key_share)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
 from privacy.secagg.errors import MalformedMessage
@@ -25,6 +28,7 @@ __all__ = [
     "Message",
     "b64",
     "build",
+    "build_records",
     "check_id",
     "check_size",
     "done",
@@ -124,8 +128,19 @@ class FieldReader:
         values = self._get(key)
         if not isinstance(values, list):
             raise MalformedMessage(f"{self._where}: {key} must be a list")
-        reader = FieldReader({str(i): v for i, v in enumerate(values)}, f"{self._where}.{key}")
-        return tuple(reader.text(str(i)) for i in range(len(values)))
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not 0 < len(value) <= ID_LIMIT:
+                raise MalformedMessage(
+                    f"{self._where}.{key}: {i} must be a string of 1..{ID_LIMIT}"
+                )
+        return tuple(values)
+
+    def absent(self, key: str) -> bool:
+        """Return whether `key` holds null (an optional field left out), marking it read."""
+        if self._get(key) is None:
+            return True
+        self._seen.discard(key)
+        return False
 
     def record(self, key: str) -> FieldReader:
         """Return a reader for the JSON object under `key`."""
@@ -183,6 +198,18 @@ class BodyReader:
         self._offset += size
         return self._data[self._offset - size : self._offset]
 
+    def take_records(self, count: int, sizes: Sequence[int]) -> list[tuple[bytes, ...]]:
+        """Return the next `count` records, each split into fields of `sizes` bytes."""
+        bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
+        split = operator.itemgetter(*(slice(low, high) for low, high in bounds))
+        width = bounds[-1][1]
+        start, data = self._offset, self._data
+        self._offset += count * width
+        records = [data[at : at + width] for at in range(start, start + count * width, width)]
+        if len(bounds) == 1:
+            return [(record,) for record in records]
+        return [split(record) for record in records]
+
 
 def envelope(kind: str, stage: str | None, federation_id: str, round: int) -> dict[str, Any]:
     """Start a header with the fields every message carries."""
@@ -217,6 +244,28 @@ def build(cls: type[_T], **fields: Any) -> _T:
         return cls(**fields)
     except ValueError as exc:
         raise MalformedMessage(f"invalid {cls.__name__}: {exc}") from exc
+
+
+def build_records(
+    cls: Callable[..., _T],
+    keys: Sequence[str],
+    blocks: BodyReader,
+    sizes: Sequence[int],
+    *,
+    lead: tuple[Any, ...] = (),
+) -> tuple[_T, ...]:
+    """Construct `cls(*lead, key, *fields)` for each key, its fields read off `blocks`.
+
+    For the lists of fixed-size records that rosters, shares and deliveries
+    carry (up to the degree k each): the fields are sliced at precomputed
+    offsets and the records' own checks become MalformedMessage, as `build`.
+    """
+    records = blocks.take_records(len(keys), sizes)
+    try:
+        return tuple(cls(*lead, key, *fields) for key, fields in zip(keys, records, strict=True))
+    except ValueError as exc:
+        name = getattr(cls, "__name__", "record")
+        raise MalformedMessage(f"invalid {name}: {exc}") from exc
 
 
 class Message:

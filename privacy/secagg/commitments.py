@@ -13,9 +13,10 @@ of them, 16 field elements), so the commitments reveal nothing about them.
 
 from __future__ import annotations
 
+import hashlib
 from enum import StrEnum
 
-from privacy.secagg.transcript import commit
+from privacy.secagg.transcript import commit, extend, prefix
 
 __all__ = ["ShareKind", "seed_commitment", "share_commitment"]
 
@@ -38,7 +39,10 @@ def share_commitment(
 ) -> bytes:
     """Commit to the `kind` share that a dealer gave a holder; `parties` is (dealer, holder)."""
     dealer, holder = parties
-    return commit("share", kind.value, federation_id, round, dealer, holder, share)
+    # frame("share", kind, federation, round, dealer, holder, share), with the
+    # round's leading fields encoded once (`transcript.prefix`).
+    start = prefix("share", kind.value, federation_id, round)
+    return hashlib.sha256(extend(start, dealer, holder, share)).digest()
 
 
 def seed_commitment(*, federation_id: str, round: int, owner: str, seed: bytes) -> bytes:

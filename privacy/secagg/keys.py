@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from privacy.secagg.errors import ProtocolViolation
-from privacy.secagg.transcript import frame
+from privacy.secagg.transcript import extend, frame, prefix
 
 __all__ = [
     "PUBLIC_KEY_BYTES",
@@ -48,6 +48,7 @@ __all__ = [
     "check_public_key",
     "derive_key",
     "hkdf_sha256",
+    "load_public_key",
     "verify_signature",
 ]
 
@@ -134,7 +135,8 @@ def advertisement_payload(
     *, federation_id: str, round: int, client_id: str, cipher_key: bytes, mask_key: bytes
 ) -> bytes:
     """Return the bytes a client signs when it advertises its round keys."""
-    return frame("advertise-keys", federation_id, round, client_id, cipher_key, mask_key)
+    start = prefix("advertise-keys", federation_id, round)
+    return extend(start, client_id, cipher_key, mask_key)
 
 
 def verify_signature(public_key: bytes, payload: bytes, signature: bytes) -> bool:
@@ -148,17 +150,30 @@ def verify_signature(public_key: bytes, payload: bytes, signature: bytes) -> boo
     return True
 
 
-def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
-    """Return the X25519 shared secret with `peer_public`.
+def load_public_key(public_key: bytes) -> X25519PublicKey:
+    """Load a raw X25519 public key, for a party that agrees with it many times.
+
+    Raises:
+        ProtocolViolation: the key does not have 32 bytes, or is refused.
+    """
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise ProtocolViolation(f"an X25519 public key has {len(public_key)} bytes, not 32")
+    try:
+        return X25519PublicKey.from_public_bytes(public_key)
+    except ValueError as exc:
+        raise ProtocolViolation("an X25519 public key is not a valid point encoding") from exc
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes | X25519PublicKey) -> bytes:
+    """Return the X25519 shared secret with `peer_public` (raw, or `load_public_key`'s).
 
     Raises:
         ProtocolViolation: the peer key has the wrong length or is a low-order
             point (the shared secret would be all zeros, RFC 7748 §6.1).
     """
-    if len(peer_public) != PUBLIC_KEY_BYTES:
-        raise ProtocolViolation(f"an X25519 public key has {len(peer_public)} bytes, not 32")
+    peer = load_public_key(peer_public) if isinstance(peer_public, bytes) else peer_public
     try:
-        return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        return private.exchange(peer)
     except ValueError as exc:
         raise ProtocolViolation("an X25519 public key is a low-order point") from exc
 
@@ -197,5 +212,5 @@ def derive_key(
     the federation and round are bound, so no key is ever reused elsewhere.
     """
     first, second = sorted(pair)
-    info = frame(purpose.value, federation_id, round, first, second)
+    info = extend(prefix(purpose.value, federation_id, round), first, second)
     return hkdf_sha256(shared_secret, salt=_SALT, info=info)

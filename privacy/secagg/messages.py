@@ -39,6 +39,7 @@ from privacy.secagg.codec import (
     Message,
     b64,
     build,
+    build_records,
     check_id,
     check_size,
     done,
@@ -107,8 +108,12 @@ class RoundSetup(Message):
             collect both shares of a client from honest neighbours.
         graph_seed: the public 32-byte seed of the neighbour graph.
         vector_length: P, the number of update values.
-        quantization: how updates are clipped, weighted and rounded.
-        ring_bits: b; sums are taken in Z_(2^b), checked for overflow.
+        quantization: how updates are clipped, weighted and rounded; None
+            when clients send vectors already encoded in the ring (e.g. the
+            distributed discrete Gaussian of `privacy.dp.distributed`), whose
+            encoder then answers for overflow.
+        ring_bits: b; sums are taken in Z_(2^b), checked for overflow when
+            the round quantizes.
     """
 
     federation_id: str
@@ -118,7 +123,7 @@ class RoundSetup(Message):
     threshold: int
     graph_seed: bytes
     vector_length: int
-    quantization: Quantization
+    quantization: Quantization | None
     ring_bits: int
     KIND: ClassVar[str] = "RoundSetup"
 
@@ -137,7 +142,15 @@ class RoundSetup(Message):
             )
         if self.round < 0 or self.vector_length < 1:
             raise ValueError("round must be >= 0 and vector_length >= 1")
-        self.quantization.check_ring(self.ring_bits, len(self.cohort))
+        if self.quantization is not None:
+            self.quantization.check_ring(self.ring_bits, len(self.cohort))
+        elif not 2 <= self.ring_bits <= 64:
+            raise ValueError(f"ring_bits {self.ring_bits} must be in 2..64")
+
+    @property
+    def input_length(self) -> int:
+        """The number of ring elements in a masked input: P, plus the weight when quantized."""
+        return self.vector_length + (1 if self.quantization is not None else 0)
 
     def graph(self) -> NeighbourGraph:
         """Build the round's neighbour graph."""
@@ -146,17 +159,18 @@ class RoundSetup(Message):
     def _header(self) -> dict[str, Any]:
         header = envelope(self.KIND, None, self.federation_id, self.round)
         q = self.quantization
+        quantization = (
+            None
+            if q is None
+            else {"clip": q.clip, "value_bits": q.value_bits, "max_weight": q.max_weight}
+        )
         header |= {
             "cohort": list(self.cohort),
             "degree": self.degree,
             "threshold": self.threshold,
             "graph_seed": b64(self.graph_seed),
             "vector_length": self.vector_length,
-            "quantization": {
-                "clip": q.clip,
-                "value_bits": q.value_bits,
-                "max_weight": q.max_weight,
-            },
+            "quantization": quantization,
             "ring_bits": self.ring_bits,
         }
         return header
@@ -164,14 +178,16 @@ class RoundSetup(Message):
     @classmethod
     def _parse(cls, reader: FieldReader, body: bytes) -> Self:
         federation_id, round = read_envelope(reader, None)
-        q = reader.record("quantization")
-        quantization = build(
-            Quantization,
-            clip=q.number("clip"),
-            value_bits=q.integer("value_bits", 1, 32),
-            max_weight=q.number("max_weight"),
-        )
-        q.finish()
+        quantization = None
+        if not reader.absent("quantization"):
+            q = reader.record("quantization")
+            quantization = build(
+                Quantization,
+                clip=q.number("clip"),
+                value_bits=q.integer("value_bits", 1, 32),
+                max_weight=q.number("max_weight"),
+            )
+            q.finish()
         setup = build(
             cls,
             federation_id=federation_id,
@@ -281,17 +297,12 @@ class KeyRoster(Message):
         federation_id, round = read_envelope(reader, cls.STAGE.value)
         senders = reader.texts("senders")
         blocks = BodyReader(body, len(senders) * AdvertiseKeys.BODY, cls.KIND)
-        keys = tuple(
-            build(
-                AdvertiseKeys,
-                federation_id=federation_id,
-                round=round,
-                sender=sender,
-                cipher_key=blocks.take(PUBLIC_KEY_BYTES),
-                mask_key=blocks.take(PUBLIC_KEY_BYTES),
-                signature=blocks.take(SIGNATURE_BYTES),
-            )
-            for sender in senders
+        keys = build_records(
+            AdvertiseKeys,
+            senders,
+            blocks,
+            (PUBLIC_KEY_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES),
+            lead=(federation_id, round),
         )
         message = build(
             cls,
@@ -327,7 +338,9 @@ class EncryptedShare:
         return self.ciphertext + self.key_share_commitment + self.seed_share_commitment
 
 
-_SEALED_RECORD = SEALED_SHARE_BYTES + 2 * DIGEST_BYTES
+# ciphertext, key share commitment, seed share commitment
+_SEALED_FIELDS = (SEALED_SHARE_BYTES, DIGEST_BYTES, DIGEST_BYTES)
+_SEALED_RECORD = sum(_SEALED_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,16 +375,7 @@ class ShareKeys(Message):
         receivers = reader.texts("receivers")
         blocks = BodyReader(body, DIGEST_BYTES + len(receivers) * _SEALED_RECORD, cls.KIND)
         seed_commitment = blocks.take(DIGEST_BYTES)
-        shares = tuple(
-            build(
-                EncryptedShare,
-                receiver=receiver,
-                ciphertext=blocks.take(SEALED_SHARE_BYTES),
-                key_share_commitment=blocks.take(DIGEST_BYTES),
-                seed_share_commitment=blocks.take(DIGEST_BYTES),
-            )
-            for receiver in receivers
-        )
+        shares = build_records(EncryptedShare, receivers, blocks, _SEALED_FIELDS)
         message = build(
             cls,
             federation_id=federation_id,
@@ -432,16 +436,7 @@ class ShareDelivery(Message):
         federation_id, round = read_envelope(reader, cls.STAGE.value)
         senders = reader.texts("senders")
         blocks = BodyReader(body, len(senders) * _SEALED_RECORD, cls.KIND)
-        shares = tuple(
-            build(
-                ForwardedShare,
-                sender=sender,
-                ciphertext=blocks.take(SEALED_SHARE_BYTES),
-                key_share_commitment=blocks.take(DIGEST_BYTES),
-                seed_share_commitment=blocks.take(DIGEST_BYTES),
-            )
-            for sender in senders
-        )
+        shares = build_records(ForwardedShare, senders, blocks, _SEALED_FIELDS)
         message = build(
             cls,
             federation_id=federation_id,
@@ -455,7 +450,7 @@ class ShareDelivery(Message):
 
 @dataclass(frozen=True, slots=True)
 class MaskedInput(Message):
-    """A client's masked, quantized update: P + 1 ring elements, little-endian.
+    """A client's masked input: `RoundSetup.input_length` ring elements, little-endian.
 
     The vector is uint32 when the ring has at most 32 bits (4 bytes per value),
     uint64 otherwise; `values()` views it without a copy.
@@ -600,14 +595,8 @@ class UnmaskResponse(Message):
         federation_id, round = read_envelope(reader, cls.STAGE.value)
         seed_owners, key_owners = reader.texts("seed_owners"), reader.texts("key_owners")
         blocks = BodyReader(body, (len(seed_owners) + len(key_owners)) * SHARE_BYTES, cls.KIND)
-        seed_shares = tuple(
-            build(RevealedShare, owner=owner, share=blocks.take(SHARE_BYTES))
-            for owner in seed_owners
-        )
-        key_shares = tuple(
-            build(RevealedShare, owner=owner, share=blocks.take(SHARE_BYTES))
-            for owner in key_owners
-        )
+        seed_shares = build_records(RevealedShare, seed_owners, blocks, (SHARE_BYTES,))
+        key_shares = build_records(RevealedShare, key_owners, blocks, (SHARE_BYTES,))
         message = build(
             cls,
             federation_id=federation_id,

@@ -88,12 +88,17 @@ class Quantization:
         """Stochastically round values in [0, L] (modified in place).
 
         floor(z + U) with U uniform in [0, 1) is floor(z) + 1 with probability
-        frac(z), so its expectation is z. The clip guards against z landing a
-        rounding error above L.
+        frac(z), so its expectation is z. U is a uniform 32-bit word over 2^32,
+        so that one 64-bit draw of the generator serves two values (half the
+        draws of `rng.random`, which spends 64 bits on each); the rounding
+        probability is then exact to 2^-32, far below the quantization step.
+        Casting to uint32 truncates, i.e. floors the non-negative z + U (and
+        maps a rounding error just below 0 to 0); the minimum guards against
+        z + U landing a rounding error above L.
         """
-        scaled += rng.random(scaled.shape)
-        np.floor(scaled, out=scaled)
-        np.clip(scaled, 0.0, float(self.levels), out=scaled)
+        words = rng.bit_generator.random_raw((scaled.size + 1) // 2).view(np.uint32)
+        scaled += words[: scaled.size] * 2.0**-32
+        np.minimum(scaled, float(self.levels), out=scaled)
         codes: Array = scaled.astype(np.uint32)
         return codes
 

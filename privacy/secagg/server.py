@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from fedcore import Array, RoundStateError
 from privacy.secagg.commitments import ShareKind, seed_commitment, share_commitment
@@ -40,6 +40,7 @@ from privacy.secagg.keys import (
     agree,
     check_public_key,
     derive_key,
+    load_public_key,
     verify_signature,
 )
 from privacy.secagg.messages import (
@@ -59,7 +60,7 @@ from privacy.secagg.messages import (
     UnmaskResponse,
 )
 from privacy.secagg.prg import Mask, apply_masks, pairwise_sign, ring_dtype
-from privacy.secagg.shamir import combine, decode_share
+from privacy.secagg.shamir import combine, decode_shares
 
 __all__ = [
     "SecAggResult",
@@ -117,16 +118,17 @@ class SecAggResult:
     """The unmasked sum of a round and who contributed to it.
 
     Attributes:
-        weighted_sum: sum over survivors of w * clip(delta), float64.
-        total_weight: sum over survivors of w.
+        weighted_sum: sum over survivors of w * clip(delta), float64; None
+            when the round took ring vectors (no quantization).
+        total_weight: sum over survivors of w; None as `weighted_sum`.
         ring_sum: the exact sum of the survivors' codes in Z_(2^b).
         survivors: the clients whose masked inputs are in the sum.
         dropped: client id -> the stage at which it dropped.
         excluded: client id -> why it was excluded.
     """
 
-    weighted_sum: Array
-    total_weight: float
+    weighted_sum: Array | None
+    total_weight: float | None
     ring_sum: Array
     survivors: tuple[str, ...]
     dropped: Mapping[str, Stage]
@@ -136,8 +138,10 @@ class SecAggResult:
         """Return the weighted mean update, sum(w * delta) / sum(w).
 
         Raises:
-            ValueError: the total weight is zero.
+            ValueError: the total weight is zero, or the round took ring vectors.
         """
+        if self.weighted_sum is None or self.total_weight is None:
+            raise ValueError("the round took ring vectors: decode `ring_sum` instead")
         if self.total_weight <= 0:
             raise ValueError("the survivors' total weight is zero; there is no mean")
         mean: Array = self.weighted_sum / self.total_weight
@@ -191,7 +195,7 @@ class SecAggServer:
         self._shares: dict[str, ShareKeys] = {}
         self._share_index: dict[tuple[str, str], EncryptedShare] = {}
         self._deliveries: dict[str, frozenset[str]] = {}
-        self._sum = np.zeros(setup.vector_length + 1, dtype=ring_dtype(setup.ring_bits))
+        self._sum = np.zeros(setup.input_length, dtype=ring_dtype(setup.ring_bits))
         self._requests: dict[str, UnmaskRequest] = {}
         self._responses: dict[str, UnmaskResponse] = {}
         self._excluded: dict[str, str] = {}
@@ -340,7 +344,7 @@ class SecAggServer:
             )
         values = message.values()
         width = 8 * values.dtype.itemsize
-        if setup.ring_bits < width and np.any(values >> values.dtype.type(setup.ring_bits)):
+        if setup.ring_bits < width and int(values.max()) >> setup.ring_bits:
             raise ProtocolViolation("the masked input holds values outside the ring")
         np.add(self._sum, values, out=self._sum)
 
@@ -481,10 +485,14 @@ class SecAggServer:
             return
         total = self._sum.copy()
         masks = [Mask(seeds[u], -1) for u in sorted(survivors)]
+        # Survivors' mask keys, each loaded once for all its vanished neighbours.
+        loaded: dict[str, X25519PublicKey] = {}
         for u in vanished:
-            masks.extend(self._pairwise_masks(u, keys[u], survivors))
+            masks.extend(self._pairwise_masks(u, keys[u], survivors, loaded))
         apply_masks(total, masks, ring_bits=self._setup.ring_bits)
-        weighted, weight = self._setup.quantization.decode(total, clients=len(survivors))
+        weighted, weight = None, None
+        if self._setup.quantization is not None:
+            weighted, weight = self._setup.quantization.decode(total, clients=len(survivors))
         self._result = SecAggResult(
             weighted_sum=weighted,
             total_weight=weight,
@@ -495,13 +503,21 @@ class SecAggServer:
         )
         self._stage = None
 
-    def _pairwise_masks(self, vanished: str, key: bytes, survivors: frozenset[str]) -> list[Mask]:
+    def _pairwise_masks(
+        self,
+        vanished: str,
+        key: bytes,
+        survivors: frozenset[str],
+        loaded: dict[str, X25519PublicKey],
+    ) -> list[Mask]:
         private = X25519PrivateKey.from_private_bytes(key)
         masks = []
         for v in sorted(survivors):
             if vanished not in self._deliveries[v]:
                 continue
-            secret = agree(private, self._advertised[v].mask_key)
+            if v not in loaded:
+                loaded[v] = load_public_key(self._advertised[v].mask_key)
+            secret = agree(private, loaded[v])
             seed = derive_key(
                 secret,
                 purpose=KeyPurpose.PAIRWISE_MASK,
@@ -521,14 +537,14 @@ class SecAggServer:
             RoundFailed: an owner has fewer than t shares, or its shares
                 reconstruct a secret that does not match its commitment.
         """
-        collected: dict[str, list[tuple[int, Array]]] = {u: [] for u in owners}
+        collected: dict[str, list[tuple[int, bytes]]] = {u: [] for u in owners}
         for holder in sorted(responders):
             response = self._responses[holder]
             revealed = response.seed_shares if kind is ShareKind.SEED else response.key_shares
+            x = self._graph.index(holder)
             for share in revealed:
                 if share.owner in collected:
-                    row = decode_share(share.share, SHARE_LIMBS)
-                    collected[share.owner].append((self._graph.index(holder), row))
+                    collected[share.owner].append((x, share.share))
         t = self._setup.threshold
         secrets = {}
         for owner, shares in collected.items():
@@ -538,10 +554,10 @@ class SecAggServer:
                     f"the threshold is {t}"
                 )
             shares.sort(key=lambda item: item[0])
-            holders = [x for x, _ in shares[:t]]
-            rows = np.stack([row for _, row in shares[:t]])
+            chosen = shares[:t]
             try:
-                secret = combine(holders, rows, threshold=t)
+                rows = decode_shares(b"".join(share for _, share in chosen), SHARE_LIMBS)
+                secret = combine([x for x, _ in chosen], rows, threshold=t)
             except ValueError as exc:
                 raise RoundFailed(f"the {kind} shares of {owner!r} are inconsistent") from exc
             self._verify(kind, owner, secret)

@@ -36,6 +36,7 @@ __all__ = [
     "PRIME",
     "combine",
     "decode_share",
+    "decode_shares",
     "encode_share",
     "lagrange_at_zero",
     "split",
@@ -43,6 +44,8 @@ __all__ = [
 
 PRIME = 65537
 LIMB_BYTES = 2
+# The order of the multiplicative group GF(65537)*.
+_ORDER = PRIME - 1
 # Uniform field elements from 32-bit words: 2^32 - 1 = 65535 * 65537, so the
 # words 0 .. 2^32 - 2 map onto each residue exactly 65535 times; the single
 # word 2^32 - 1 is rejected and redrawn (probability 2^-32).
@@ -74,10 +77,35 @@ def _check_holders(holders: Sequence[int]) -> Array:
     return xs
 
 
+@functools.cache
+def _tables() -> tuple[Array, Array]:
+    """Return (exp, log): exp[i] = 3^i mod p for i < 2^16, and log[exp[i]] = i.
+
+    GF(65537)* is cyclic of order 2^16 and 3 generates it (3 is a primitive
+    root of every Fermat prime above 3: Pepin's test), so every non-zero x is
+    3^log(x), a product of field elements is exp of the sum of their logs
+    mod 2^16 (a bit mask), and powers and quotients are vectorized gathers.
+    Built once: 3^(256a + b) = (3^256)^a * 3^b.
+    """
+    low = [1] * 256
+    for b in range(1, 256):
+        low[b] = low[b - 1] * 3 % PRIME
+    step = low[255] * 3 % PRIME
+    high = [1] * 256
+    for a in range(1, 256):
+        high[a] = high[a - 1] * step % PRIME
+    exp = (np.outer(np.array(high, dtype=np.int64), np.array(low, dtype=np.int64)) % PRIME).ravel()
+    log = np.zeros(PRIME, dtype=np.int64)
+    log[exp] = np.arange(_ORDER, dtype=np.int64)
+    exp.flags.writeable = False
+    log.flags.writeable = False
+    return exp, log
+
+
 def _vandermonde(xs: Array, columns: int) -> Array:
-    powers = np.ones((xs.size, columns), dtype=np.int64)
-    for j in range(1, columns):
-        powers[:, j] = powers[:, j - 1] * xs % PRIME
+    """Return x_i^j mod p for j < columns: exp(j * log x_i)."""
+    exp, log = _tables()
+    powers: Array = exp[np.outer(log[xs], np.arange(columns, dtype=np.int64)) & (_ORDER - 1)]
     return powers
 
 
@@ -103,17 +131,16 @@ def split(secret: bytes, *, holders: Sequence[int], threshold: int, entropy: Ent
 
 @functools.lru_cache(maxsize=4096)
 def _lagrange(holders: tuple[int, ...]) -> Array:
+    exp, log = _tables()
     xs = np.asarray(holders, dtype=np.int64)
-    differences = (xs[None, :] - xs[:, None]) % PRIME
+    # Row i: x_j - x_i mod p for j != i, and 1 (log 0) on the diagonal.
+    differences = xs[None, :] - xs[:, None]
+    differences[differences < 0] += PRIME
     np.fill_diagonal(differences, 1)
-    numerators = np.ones(xs.size, dtype=np.int64)
-    denominators = np.ones(xs.size, dtype=np.int64)
-    for j in range(xs.size):
-        factor = np.where(np.arange(xs.size) == j, 1, xs[j])
-        numerators = numerators * factor % PRIME
-        denominators = denominators * differences[:, j] % PRIME
-    inverses = np.array([pow(int(d), -1, PRIME) for d in denominators], dtype=np.int64)
-    coefficients = numerators * inverses % PRIME
+    # log of prod_{j != i} x_j / (x_j - x_i), mod 2^16.
+    logs = log[xs]
+    exponents = (logs.sum() - logs - log[differences].sum(axis=1)) & (_ORDER - 1)
+    coefficients: Array = exp[exponents]
     coefficients.flags.writeable = False
     return coefficients
 
@@ -154,7 +181,7 @@ def combine(holders: Sequence[int], shares: Array, *, threshold: int) -> bytes:
 
 
 def encode_share(share: Array) -> bytes:
-    """Encode one share row as little-endian uint32 field elements."""
+    """Encode a share row (or rows, one after the other) as little-endian uint32 elements."""
     return np.asarray(share, dtype="<u4").tobytes()
 
 
@@ -166,7 +193,24 @@ def decode_share(data: bytes, limbs: int) -> Array:
     """
     if len(data) != 4 * limbs:
         raise ValueError(f"a share has {len(data)} bytes; it must have {4 * limbs}")
-    row = np.frombuffer(data, dtype="<u4").astype(np.int64)
-    if row.max(initial=0) >= PRIME:
-        raise ValueError("a share holds a value outside the field")
+    row: Array = decode_shares(data, limbs)[0]
     return row
+
+
+def decode_shares(data: bytes, limbs: int) -> Array:
+    """Decode share rows of `limbs` field elements each, written one after the other.
+
+    Returns:
+        An int64 array of shape (rows, limbs).
+
+    Raises:
+        ValueError: not a whole, non-zero number of rows, or an element
+            outside the field.
+    """
+    if not data or len(data) % (4 * limbs):
+        raise ValueError(f"{len(data)} bytes are not whole shares of {4 * limbs} bytes")
+    rows = np.frombuffer(data, dtype="<u4").reshape(-1, limbs)
+    if rows.max() >= PRIME:
+        raise ValueError("a share holds a value outside the field")
+    decoded: Array = rows.astype(np.int64)
+    return decoded

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import struct
 
-__all__ = ["PROTOCOL", "commit", "frame"]
+__all__ = ["PROTOCOL", "commit", "extend", "frame", "prefix"]
 
 # Versioned so that a later, incompatible protocol can never accept (or be
 # tricked into producing) a signature or key of this one.
@@ -49,6 +49,22 @@ _HEAD = _encode(PROTOCOL)
 def frame(label: str, *fields: Field) -> bytes:
     """Encode the protocol version, a purpose `label` and `fields` as one byte string."""
     return b"".join([_HEAD, _encode(label), *map(_encode, fields)])
+
+
+def extend(start: bytes, *fields: Field) -> bytes:
+    """Append `fields` to a frame: `extend(frame(label, *a), *b) == frame(label, *a, *b)`.
+
+    Each field's encoding is self-delimiting, so a frame is the concatenation
+    of its fields' encodings: a caller that frames many messages with the
+    same leading fields (label, federation, round) encodes them once.
+    """
+    return b"".join([start, *map(_encode, fields)])
+
+
+@functools.lru_cache(maxsize=1024)
+def prefix(label: str, *fields: str | int) -> bytes:
+    """Return `frame(label, *fields)`, cached: the shared start of a round's frames."""
+    return frame(label, *fields)
 
 
 def commit(label: str, *fields: Field) -> bytes:

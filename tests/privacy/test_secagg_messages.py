@@ -219,3 +219,16 @@ def test_masked_input_travels_as_four_bytes_per_value_up_to_32_bits() -> None:
     wide = MaskedInput("fed", 4, "a", 40, np.arange(10, dtype="<u8").tobytes())
     assert wide.length == 10
     assert wide.values().dtype.itemsize == 8
+
+
+def test_an_invalid_id_in_a_list_of_records_is_refused_with_its_position() -> None:
+    roster = KeyRoster("fed", 4, "b", (advert(), advert())).to_bytes()
+    size = int.from_bytes(roster[4:8], "big")
+    for senders, position in ((["a", ""], 1), ([7, "a"], 0)):
+        data = reencode(roster, {"senders": senders}) + roster[8 + size :]
+        with pytest.raises(MalformedMessage, match=rf"senders: {position} must be a string"):
+            KeyRoster.from_bytes(data)
+    share = RevealedShare("a", bytes(SHARE_BYTES))
+    response = UnmaskResponse.from_bytes(UnmaskResponse("fed", 4, "b", (share,), ()).to_bytes())
+    assert response.seed_shares == (share,)
+    assert response.key_shares == ()

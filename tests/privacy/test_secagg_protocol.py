@@ -222,3 +222,40 @@ def test_weighted_mean_of_a_round_approximates_plain_weighted_fedavg() -> None:
     np.testing.assert_allclose(
         report.result.mean(), plain / weights.sum(), atol=20 * step / weights.sum()
     )
+
+
+def test_a_round_on_a_pool_of_threads_gives_the_same_outcome_as_on_one() -> None:
+    setup = plan_round(
+        SecAggConfig(300, Quantization(clip=1.0), ThreatModel(0.05, 0.3)),
+        federation_id="fed",
+        round=2,
+        cohort=[f"c{i:02d}" for i in range(30)],
+        graph_seed=bytes(range(32)),
+    )
+    # Some clients vanish after sharing keys: the server rebuilds their mask
+    # keys and removes their pairwise masks.
+    dropouts = Dropouts(masked_input=frozenset(setup.cohort[::6]))
+    reports = []
+    for workers in (1, 3):
+        clients, _ = fleet(setup, 9)  # the same seeded randomness for both
+        reports.append(simulate_round(setup, clients, dropouts=dropouts, workers=workers))
+    one, pooled = reports
+    assert one.result is not None
+    assert pooled.result is not None
+    np.testing.assert_array_equal(one.result.ring_sum, pooled.result.ring_sum)
+    assert one.result.survivors == pooled.result.survivors
+    assert (one.failure, one.aborted, one.excluded) == (
+        pooled.failure,
+        pooled.aborted,
+        pooled.excluded,
+    )
+    assert check_round(setup, dropouts, seed=9)
+    assert pooled.client_seconds > 0
+    assert pooled.server_seconds > 0
+
+
+def test_a_pool_needs_at_least_one_worker() -> None:
+    setup = setup_for(5, 4, 3, seed=1)
+    clients, _ = fleet(setup, 1)
+    with pytest.raises(ValueError, match="workers is 0"):
+        simulate_round(setup, clients, workers=0)

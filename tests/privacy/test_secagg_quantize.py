@@ -96,3 +96,19 @@ def test_flatten_and_unflatten_round_trip_a_parameter_set() -> None:
     np.testing.assert_array_equal(back["w"], params["w"])
     with pytest.raises(ValueError, match="does not hold"):
         unflatten(vector[:-1], params.spec())
+
+
+def test_32_bit_codes_stay_in_range_at_both_ends_of_the_clip() -> None:
+    q = Quantization(clip=1.0, value_bits=32)
+    codes = q.encode(np.array([-5.0, -1.0, 1.0, 5.0]), weight=1.0, rng=np.random.default_rng(3))
+    assert codes.dtype == np.uint32
+    np.testing.assert_array_equal(codes, [0, 0, q.levels, q.levels, q.levels])
+
+
+def test_rounding_up_happens_with_the_fractional_part_as_probability() -> None:
+    q = Quantization(clip=1.0, value_bits=2)  # levels 0..3 over [-1, 1]
+    # -0.5 maps to 0.75 levels: code 1 with probability 3/4, else 0.
+    codes = q.encode(np.full(100_000, -0.5), weight=1.0, rng=np.random.default_rng(4))[:-1]
+    assert set(np.unique(codes)) == {0, 1}
+    # Binomial(1e5, 3/4): standard deviation 137; five of them as tolerance.
+    assert abs(int(codes.sum()) - 75_000) < 5 * 137

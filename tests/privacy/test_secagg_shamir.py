@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 from privacy.secagg.shamir import (
     PRIME,
+    _tables,
+    _vandermonde,
     combine,
     decode_share,
+    decode_shares,
     encode_share,
     lagrange_at_zero,
     split,
@@ -133,3 +136,45 @@ def test_holders_must_be_distinct_non_zero_field_elements() -> None:
     for holders in ([0, 1], [1, 1], [1, PRIME]):
         with pytest.raises(ValueError, match="distinct"):
             split(b"ab", holders=holders, threshold=1, entropy=os.urandom)
+
+
+def test_three_generates_the_field_and_the_log_tables_invert_each_other() -> None:
+    exp, log = _tables()
+    assert exp.size == PRIME - 1
+    assert sorted(exp.tolist()) == list(range(1, PRIME))  # 3^i takes every non-zero value
+    assert int(exp[1]) == 3
+    assert int(exp[12345]) == pow(3, 12345, PRIME)
+    np.testing.assert_array_equal(log[exp], np.arange(PRIME - 1))
+
+
+def test_vandermonde_rows_are_the_powers_of_each_holder() -> None:
+    holders = np.array([1, 2, 255, 65535, PRIME - 1], dtype=np.int64)
+    powers = _vandermonde(holders, 9)
+    for i, x in enumerate(holders.tolist()):
+        assert powers[i].tolist() == [pow(x, j, PRIME) for j in range(9)]
+
+
+def test_lagrange_coefficients_of_a_large_spread_holder_set_match_the_reference() -> None:
+    rng = np.random.default_rng(11)
+    holders = sorted(rng.choice(np.arange(1, PRIME), size=119, replace=False).tolist())
+    weights = lagrange_at_zero(holders)
+    for i in (0, 1, 58, 118):
+        expected = 1
+        for x_j in holders:
+            if x_j != holders[i]:
+                expected = expected * x_j * pow(x_j - holders[i], -1, PRIME) % PRIME
+        assert int(weights[i]) == expected
+    secret = os.urandom(32)
+    shares = split(secret, holders=holders, threshold=119, entropy=os.urandom)
+    assert combine(holders, shares, threshold=119) == secret
+
+
+def test_share_rows_decode_together_and_refuse_partial_rows() -> None:
+    rows = np.array([[0, 1, 2, 3], [PRIME - 1, 5, 6, 7]], dtype=np.int64)
+    np.testing.assert_array_equal(decode_shares(encode_share(rows), 4), rows)
+    with pytest.raises(ValueError, match="whole shares"):
+        decode_shares(encode_share(rows)[:-4], 4)
+    with pytest.raises(ValueError, match="whole shares"):
+        decode_shares(b"", 4)
+    with pytest.raises(ValueError, match="outside the field"):
+        decode_shares(np.array([[1, 2, 3, 4], [0, 0, PRIME, 0]], dtype="<u4").tobytes(), 4)

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from privacy.secagg import ClientIdentity, ProtocolViolation, RoundKeys, expand_mask
 from privacy.secagg.cipher import decrypt, encrypt
-from privacy.secagg.keys import agree, hkdf_sha256, verify_signature
+from privacy.secagg.keys import agree, hkdf_sha256, load_public_key, verify_signature
 
 SUNSCREEN = (
     b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
@@ -58,6 +58,22 @@ def test_x25519_agreement_rejects_a_low_order_point() -> None:
     private = X25519PrivateKey.from_private_bytes(bytes(range(32)))
     with pytest.raises(ProtocolViolation, match="low-order"):
         agree(private, bytes(32))
+
+
+def test_x25519_agreement_with_a_loaded_key_matches_rfc7748_section_6_1() -> None:
+    # The server loads a survivor's key once for all its vanished neighbours.
+    alice = X25519PrivateKey.from_private_bytes(
+        bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    )
+    bob = load_public_key(
+        bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+    )
+    shared = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
+    assert agree(alice, bob).hex() == shared
+    with pytest.raises(ProtocolViolation, match="low-order"):
+        agree(alice, load_public_key(bytes(32)))
+    with pytest.raises(ProtocolViolation, match="31 bytes"):
+        load_public_key(bytes(31))
 
 
 def test_ed25519_identity_matches_rfc8032_test_1() -> None:
