@@ -2,8 +2,9 @@
 
 Simulation runs whole federations in one process through this transport, with
 the same service code and the same wire format as over HTTP, minus the
-network. Updates are still serialized to safetensors and validated, so what
-works in simulation works on the wire.
+network. Updates are still serialized to safetensors, hashed, validated and
+stored, so what works in simulation works on the wire; only parsing the
+bytes back is skipped, since the transport wrote them itself.
 """
 
 from __future__ import annotations
@@ -32,11 +33,19 @@ class InProcessTransport:
     def submit_update(
         self, federation_id: str, round_number: int, delta: ParameterSet, meta: UpdateMeta
     ) -> Receipt:
-        """Serialize the update as on the wire and submit it."""
-        data = wire.encode(delta, {UPDATE_META_KEY: meta.model_dump_json()})
+        """Serialize the update as on the wire and submit it.
+
+        The service hashes and stores these bytes, and parses the metadata and
+        validates and folds the tensors they hold, which it gets as read-only
+        views of the bytes instead of parsing the header back.
+        """
+        metadata = {UPDATE_META_KEY: meta.model_dump_json()}
+        data, views = wire.encode_views(delta, metadata)
         staged = self._aggregator.blobs.stage(len(data))
         staged.write(data)
-        return self._aggregator.submit_update(self.client_id, federation_id, round_number, staged)
+        return self._aggregator.submit_decoded(
+            self.client_id, federation_id, round_number, staged, (views, metadata)
+        )
 
     def fetch_secagg(self, federation_id: str, round_number: int, stage: str) -> bytes | None:
         """Return the server message that opens `stage` for this client, or None (not yet)."""

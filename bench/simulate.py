@@ -17,7 +17,9 @@ process, on the same loaded data:
 - the framework: `api.simulation.simulate(SimulationConfig(clients=100,
   rounds=30))`: the aggregator core over the in-memory store, a virtual
   `clients.Fleet` through `aggregator.InProcessTransport` (every update
-  serialized to safetensors, validated, stored and folded).
+  serialized to safetensors, hashed, its metadata parsed, its tensors
+  validated, stored and folded; the transport hands the service views of
+  the bytes it wrote instead of having them parsed back).
 
 Both run with `torch.set_num_threads(1)` for the whole process (the fleet
 sets one thread while it steps; here the evaluation uses one thread too).
@@ -25,8 +27,10 @@ After an untimed warm-up of each, the runs take turns in an order that
 reverses every repeat, to spread the noise of a shared machine over all of
 them, and medians are reported. Also measured: the cold
 start (a fresh interpreter until the first client starts training in round
-1) and a second configuration (1,000 clients, 10% sampled per round, some
-without any data), which must run every round to CLOSED.
+1), a second configuration (1,000 clients, 10% sampled per round, some
+without any data), which must run every round to CLOSED, and what one
+update's journey costs, step by step, against the budget that the target
+ratio leaves per client-round.
 
 Run: .venv/bin/python bench/simulate.py [--quick]
 """
@@ -34,6 +38,7 @@ Run: .venv/bin/python bench/simulate.py [--quick]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -48,7 +53,15 @@ import numpy as np
 import torch
 from torch.nn import functional
 
+from aggregator import (
+    Aggregator,
+    FederationSettings,
+    InProcessTransport,
+    MemoryBlobStore,
+    MemoryStore,
+)
 from api.simulation import SimulationConfig, simulate
+from clients import to_parameters
 from clients.digits import (
     DigitsSplit,
     dirichlet_partition,
@@ -57,6 +70,8 @@ from clients.digits import (
     make_mlp,
     partition_fingerprint,
 )
+from clients.torchstate import StateViews
+from fedcore import UPDATE_META_KEY, FedAvg, ParameterSet, TaskAction, UpdateMeta, wire
 
 SHARED = Path("/work/shared/data/digits-dirichlet-a0.5-n100-s0.json")
 CLIENTS, ROUNDS, BATCH, LR, ALPHA, SEED = 100, 30, 16, 0.05, 0.5, 0
@@ -297,6 +312,132 @@ def sampled_config(split: DigitsSplit) -> None:
           f"final accuracy {run.accuracy[-1]:.3f}")  # fmt: skip
 
 
+# ------------------------------------------------------- an update's journey
+
+SUBMIT = "whole submit_update (encode to fold, store, record; round close amortized)"
+
+
+def per_update_us(step: Callable[[], object], updates: int, repeat: int = 7) -> float:
+    """Return the best of `repeat` timings of `step`, in microseconds per update."""
+    best = min(_timed(step) for _ in range(repeat))
+    return best / updates * 1e6
+
+
+def _timed(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def journey(rounds: int = 8) -> dict[str, float]:
+    """Return microseconds per update of each step an update takes, measured alone.
+
+    Random deltas of the reference model's shape (costs do not depend on the
+    values), 100 clients, a real `Aggregator` over the in-memory stores.
+    """
+    rng = np.random.default_rng(SEED)
+    model = to_parameters(make_mlp(seed=SEED).state_dict(), copy=True)
+    deltas = [
+        ParameterSet({n: rng.normal(0, 0.01, a.shape).astype(a.dtype) for n, a in model.items()})
+        for _ in range(CLIENTS)
+    ]
+    metas = [UpdateMeta(num_examples=int(rng.integers(1, 40))) for _ in range(CLIENTS)]
+    metadata = [{UPDATE_META_KEY: m.model_dump_json()} for m in metas]
+    encoded = [wire.encode_views(d, m) for d, m in zip(deltas, metadata, strict=True)]
+    spec = model.spec()
+
+    def fold() -> None:
+        FedAvg().begin(model).add_many(
+            (v, float(m.num_examples)) for (_, v), m in zip(encoded, metas, strict=True)
+        )
+
+    def bare_fold() -> None:
+        sums = [np.zeros(a.shape) for a in model.values()]
+        for delta, meta in zip(deltas, metas, strict=True):
+            for total, array in zip(sums, delta.values(), strict=True):
+                total += meta.num_examples * array
+
+    views = StateViews(make_mlp(seed=SEED).state_dict())
+
+    def load_and_copy() -> None:
+        for _ in range(CLIENTS):
+            views.load(model)
+            views.read(model)
+
+    out = {
+        "client: load the model, copy the trained one (StateViews)": per_update_us(
+            load_and_copy, CLIENTS
+        ),
+        "client: the delta (ParameterSet.subtract)": per_update_us(
+            lambda: [d.subtract(model) for d in deltas], CLIENTS
+        ),
+        "wire.encode_views (encode, views of the bytes)": per_update_us(
+            lambda: [wire.encode_views(d, m) for d, m in zip(deltas, metadata, strict=True)],
+            CLIENTS,
+        ),
+        "sha256 of the bytes": per_update_us(
+            lambda: [hashlib.sha256(data).digest() for data, _ in encoded], CLIENTS
+        ),
+        "validation (wire.conform + wire.check_finite)": per_update_us(
+            lambda: [(wire.conform(v, spec), wire.check_finite(v)) for _, v in encoded], CLIENTS
+        ),
+        "fold, WeightedMean.add_many (16 at a time)": per_update_us(fold, CLIENTS),
+        "fold, the bare loop's numpy (s += n * a)": per_update_us(bare_fold, CLIENTS),
+    }
+    out.update(_service_steps(model, deltas, metas, rounds))
+    return out
+
+
+def _service_steps(
+    model: ParameterSet, deltas: list[ParameterSet], metas: list[UpdateMeta], rounds: int
+) -> dict[str, float]:
+    """Time check-ins and whole submissions through the in-process transport, per update."""
+    aggregator = Aggregator(MemoryStore(), MemoryBlobStore())
+    data = wire.encode(model)
+    staged = aggregator.blobs.stage(len(data))
+    staged.write(data)
+    settings = FederationSettings(
+        name="journey", rounds=rounds, clients_per_round=CLIENTS, seed=SEED
+    )
+    fid = aggregator.create_federation(settings, staged).id
+    tokens, _ = aggregator.access.create_enrollment_tokens(fid, CLIENTS, 3600)
+    transports = [
+        InProcessTransport(aggregator, aggregator.access.enroll(t).client_id) for t in tokens
+    ]
+    for transport in transports:
+        transport.fetch_task(fid)
+    aggregator.start(fid)
+    checkin, submit = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        tasks = [t.fetch_task(fid) for t in transports]
+        checkin.append(time.perf_counter() - start)
+        assert all(task.action is TaskAction.TRAIN for task in tasks)
+        start = time.perf_counter()
+        for transport, task, delta, meta in zip(transports, tasks, deltas, metas, strict=True):
+            transport.submit_update(fid, task.round or 0, delta, meta)
+        submit.append(time.perf_counter() - start)
+    return {
+        "check-in (fetch_task)": min(checkin) / CLIENTS * 1e6,
+        SUBMIT: min(submit) / CLIENTS * 1e6,
+    }
+
+
+def report_journey(results: dict[str, list[Run]]) -> None:
+    budget = (TARGET_RATIO - 1) * median_seconds(results["bare"]) / (ROUNDS * CLIENTS) * 1e6
+    overhead = median_seconds(results["framework"]) - median_seconds(results["bare"])
+    print(f"\none update's journey, each step timed alone (µs per update, best of 7); "
+          f"the {TARGET_RATIO}x target leaves {budget:.0f} µs per client-round, "
+          f"the framework spent {overhead / (ROUNDS * CLIENTS) * 1e6:.0f}")  # fmt: skip
+    steps = journey()
+    for step, micros in steps.items():
+        print(f"  {micros:7.1f}  {step}")
+    inside = ("wire.encode_views", "sha256", "validation", "fold, WeightedMean")
+    rest = steps[SUBMIT] - sum(v for k, v in steps.items() if k.startswith(inside))
+    print(f"  {rest:7.1f}  the rest of submit_update: staging, metadata, two transactions, "
+          "the round's progress, receipt, round close")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one run each, 2 cold starts")
@@ -325,6 +466,7 @@ def main() -> None:
     )
     report_speed(results)
     report_accuracy(results)
+    report_journey(results)
     report_cold([cold_start() for _ in range(2 if args.quick else 5)])
     sampled_config(split)
 

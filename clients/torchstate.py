@@ -10,7 +10,7 @@ tensors are copied to host memory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -19,7 +19,7 @@ import torch
 
 from fedcore import Array, ParameterSet, TensorMismatch
 
-__all__ = ["copy_into", "to_parameters", "to_state_dict"]
+__all__ = ["StateViews", "copy_into", "to_parameters", "to_state_dict"]
 
 _BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
 # The dtypes the wire format (safetensors) can carry; anything else, such as
@@ -112,6 +112,63 @@ def copy_into(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Array]) 
                 np.copyto(_view(target), source)
             else:
                 target.copy_(_to_tensor(name, source))
+
+
+class StateViews:
+    """A state dict with numpy views of its CPU tensors, made once for many loads and reads.
+
+    `load` is `copy_into` and `read` is `to_parameters(..., copy=True)`,
+    without looking up each tensor's numpy view, dtype and device on every
+    call: for a small model that bookkeeping cost as much as the copies. The
+    views stay valid while the model keeps its tensors (training and loading
+    write into them in place); after moving the model or replacing its
+    tensors, build a new one.
+    """
+
+    __slots__ = ("_tensors", "_views")
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Keep `tensors` (e.g. `model.state_dict()`) and a numpy view of each CPU tensor."""
+        self._tensors = dict(tensors)
+        # None where numpy cannot alias the tensor (CUDA, or no wire dtype):
+        # those take the general path.
+        self._views: dict[str, Array | None] = {
+            name: _view(t.detach()) if t.is_cpu and t.dtype in _SUPPORTED else None
+            for name, t in self._tensors.items()
+        }
+
+    def load(self, params: Mapping[str, Array]) -> None:
+        """Overwrite the tensors in place with the values of `params`; see `copy_into`.
+
+        Raises:
+            TensorMismatch: the names or shapes of `params` differ from the tensors'.
+        """
+        if not _same_layout(self._tensors, params):
+            _check_names_and_shapes(params, {n: tuple(t.shape) for n, t in self._tensors.items()})
+        for name, view in self._views.items():
+            source = params[name]
+            if view is not None and source.dtype == view.dtype:
+                np.copyto(view, source)
+            else:
+                with torch.no_grad():
+                    self._tensors[name].copy_(_to_tensor(name, source))
+
+    def read(self, names: Iterable[str]) -> ParameterSet:
+        """Return copies of the tensors `names`, in that order, as a parameter set.
+
+        Raises:
+            KeyError: a name is not one of the tensors.
+            TypeError: a tensor has a dtype the wire format cannot carry.
+        """
+        views = self._views
+        return ParameterSet(
+            {
+                name: view.copy()
+                if (view := views[name]) is not None
+                else _to_array(name, self._tensors[name], copy=True)
+                for name in names
+            }
+        )
 
 
 def _to_array(name: str, tensor: torch.Tensor, *, copy: bool) -> Array:

@@ -14,6 +14,7 @@ exactly. Every defect raises `WireFormatError`, never another exception.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -33,6 +34,7 @@ __all__ = [
     "conform",
     "decode",
     "encode",
+    "encode_views",
     "read",
     "write",
 ]
@@ -65,6 +67,10 @@ _NUMPY = {code: as_dtype(name) for code, name in _DTYPES.items()}
 _CODES = {dtype: code for code, dtype in _NUMPY.items()}
 _BFLOAT16 = as_dtype("bfloat16")
 _FINITE_CHUNK = 1 << 20
+# Tensor layouts kept (by names, dtypes and shapes): a server sees few models.
+_CACHED_LAYOUTS = 64
+# `json.dumps` with separators builds an encoder per call; this one is reused.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,25 +90,39 @@ def encode(params: Mapping[str, Array], metadata: Mapping[str, str] | None = Non
     The encoding is deterministic: the same tensors and metadata always give
     the same bytes, so a retried upload has the same digest as the original.
     """
-    head, arrays = _layout(params, metadata)
-    out = bytearray(len(head) + sum(a.nbytes for a in arrays))
-    out[: len(head)] = head
-    cursor = len(head)
-    for array in arrays:
-        out[cursor : cursor + array.nbytes] = array.reshape(-1).view(np.uint8).data
-        cursor += array.nbytes
-    return bytes(out)
+    head, arrays, _ = _prepare(params, metadata)
+    return b"".join([head, *map(_buffer, arrays)])
+
+
+def encode_views(
+    params: Mapping[str, Array], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, ParameterSet]:
+    """Serialize `params` like `encode` and return read-only views of the tensors in the bytes.
+
+    The views equal `decode(data)[0]` without parsing the header back: the
+    layout is the one just written. A caller that hands both on (the
+    in-process transport) thus passes tensors that are, bit for bit, the
+    bytes that get stored and hashed, whatever later happens to `params`.
+    """
+    head, arrays, layout = _prepare(params, metadata)
+    data = b"".join([head, *map(_buffer, arrays)])
+    start = len(head)
+    views = {
+        e.name: np.ndarray(e.shape, e.dtype, buffer=data, offset=start + e.begin)
+        for e in layout.entries
+    }
+    return data, ParameterSet(views)
 
 
 def write(
     params: Mapping[str, Array], path: Path, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Serialize `params` to the file `path` without building the bytes in memory."""
-    head, arrays = _layout(params, metadata)
+    head, arrays, _ = _prepare(params, metadata)
     with path.open("wb") as fh:
         fh.write(head)
         for array in arrays:
-            fh.write(array.reshape(-1).view(np.uint8).data)
+            fh.write(_buffer(array))
 
 
 def decode(data: bytes | bytearray | memoryview) -> tuple[ParameterSet, dict[str, str]]:
@@ -145,6 +165,8 @@ def conform(params: Mapping[str, Array], spec: Mapping[str, TensorSpec]) -> None
     Raises:
         TensorMismatch: listing every missing, extra or mismatched tensor.
     """
+    if _conforms(params, spec):
+        return
     problems = [f"missing tensor {n!r}" for n in spec if n not in params]
     problems += [f"unexpected tensor {n!r}" for n in params if n not in spec]
     for name, want in spec.items():
@@ -159,6 +181,17 @@ def conform(params: Mapping[str, Array], spec: Mapping[str, TensorSpec]) -> None
         raise TensorMismatch("; ".join(problems))
 
 
+def _conforms(params: Mapping[str, Array], spec: Mapping[str, TensorSpec]) -> bool:
+    """Whether `params` matches `spec` exactly: the common case, checked without a report."""
+    if len(params) != len(spec):
+        return False
+    for name, want in spec.items():
+        got = params.get(name)
+        if got is None or got.shape != want.shape or got.dtype != as_dtype(want.dtype):
+            return False
+    return True
+
+
 def check_finite(params: Mapping[str, Array]) -> None:
     """Check that no floating-point tensor holds NaN or Inf, in bounded memory.
 
@@ -170,45 +203,97 @@ def check_finite(params: Mapping[str, Array]) -> None:
             continue
         # isfinite in the tensor's own dtype: casting float64 to float32 first
         # would turn large finite values into Inf.
+        if array.size <= _FINITE_CHUNK:
+            if not np.isfinite(array).all():
+                raise NonFiniteUpdate(f"tensor {name!r} holds NaN or Inf values")
+            continue
         flat = array.reshape(-1)
         for start in range(0, flat.size, _FINITE_CHUNK):
             if not np.isfinite(flat[start : start + _FINITE_CHUNK]).all():
                 raise NonFiniteUpdate(f"tensor {name!r} holds NaN or Inf values")
 
 
-def _layout(
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What a header holds that depends only on the tensors' names, dtypes and shapes.
+
+    `names` is the JSON list of names in the caller's order (the value of the
+    order metadata), `fragment` the header's tensor entries in data order,
+    each after a comma, `data_order` the positions of the tensors in data
+    order, and `entries` the tensors' byte ranges in the caller's order.
+    """
+
+    names: str
+    fragment: str
+    data_order: tuple[int, ...]
+    entries: tuple[_Entry, ...]
+
+
+_Key = tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
+
+
+def _prepare(
     params: Mapping[str, Array], metadata: Mapping[str, str] | None
-) -> tuple[bytes, list[Array]]:
-    """Return the length-prefixed header and the arrays in data order.
+) -> tuple[bytes, list[Array], _Layout]:
+    """Return the length-prefixed header, the arrays in data order and their layout.
 
     Written here rather than by the `safetensors` library because the library
     keeps metadata in a hash map: its header order, and so the bytes, change
-    from call to call. Data is ordered by decreasing item size, as the library
-    does, so every tensor starts aligned to its own item size; the model's
-    order travels in the metadata.
+    from call to call. The header is the compact JSON of `{"__metadata__":
+    sorted metadata, tensor entries in data order}`; only the metadata part
+    changes between updates of one model, so the rest is built once per
+    layout and cached (formatting it took longer than copying a small model's
+    data).
     """
+    values = list(params.values())
+    key: _Key = tuple((name, a.dtype, a.shape) for name, a in zip(params, values, strict=True))
+    layout = _layout(key)
     meta = dict(metadata or {})
-    meta[_ORDER_KEY] = json.dumps(list(params))
-    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    arrays: list[Array] = []
-    cursor = 0
-    ranked = sorted(enumerate(params.items()), key=lambda item: (-item[1][1].itemsize, item[0]))
-    for _, (name, array) in ranked:
-        contiguous = np.ascontiguousarray(array)
-        code = _CODES.get(array.dtype)
-        if code is None:
-            raise TypeError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
-        header[name] = {
-            "dtype": code,
-            "shape": [int(d) for d in array.shape],
-            "data_offsets": [cursor, cursor + contiguous.nbytes],
-        }
-        arrays.append(contiguous)
-        cursor += contiguous.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    meta[_ORDER_KEY] = layout.names
+    meta_json = _COMPACT_JSON.encode(dict(sorted(meta.items())))
+    raw = f'{{"__metadata__":{meta_json}{layout.fragment}}}'.encode()
     # The reference implementation pads the header with spaces to 8 bytes.
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, arrays
+    arrays = [np.ascontiguousarray(values[i]) for i in layout.data_order]
+    return struct.pack("<Q", len(raw)) + raw, arrays, layout
+
+
+@functools.lru_cache(maxsize=_CACHED_LAYOUTS)
+def _layout(key: _Key) -> _Layout:
+    """Return the layout of tensors named, typed and shaped as `key`, in its order.
+
+    Data is ordered by decreasing item size, as the `safetensors` library
+    does, so every tensor starts aligned to its own item size; the caller's
+    order travels in the metadata.
+    """
+    entries: dict[int, _Entry] = {}
+    fragment: list[str] = []
+    cursor = 0
+    ranked = sorted(range(len(key)), key=lambda i: (-key[i][1].itemsize, i))
+    for i in ranked:
+        name, dtype, shape = key[i]
+        code = _CODES.get(dtype)
+        if code is None:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} has no safetensors code")
+        if name == "__metadata__":
+            raise ValueError("the tensor name '__metadata__' is reserved by safetensors; rename it")
+        end = cursor + math.prod(shape) * dtype.itemsize
+        entry = {"dtype": code, "shape": [int(d) for d in shape], "data_offsets": [cursor, end]}
+        fragment.append(f",{json.dumps(name)}:{_COMPACT_JSON.encode(entry)}")
+        entries[i] = _Entry(name=name, dtype=dtype, shape=tuple(shape), begin=cursor, end=end)
+        cursor = end
+    return _Layout(
+        names=json.dumps([name for name, _, _ in key]),
+        fragment="".join(fragment),
+        data_order=tuple(ranked),
+        entries=tuple(entries[i] for i in range(len(key))),
+    )
+
+
+def _buffer(array: Array) -> memoryview:
+    """Return the bytes of C-contiguous `array` without copying them."""
+    # numpy exports no buffer for bfloat16 (an ml_dtypes type): its bits as uint16 do.
+    return (array.view(np.uint16) if array.dtype == _BFLOAT16 else array).data
 
 
 def _header_length(prefix: bytes, total: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,13 +20,18 @@ from aggregator import (
     SqlStore,
 )
 from fedcore import (
+    UPDATE_META_KEY,
     FederationConfig,
     Forbidden,
+    NonFiniteUpdate,
     ParameterSet,
+    Receipt,
     RoundStateError,
     TaskAction,
+    TensorMismatch,
     UpdateConflict,
     UpdateMeta,
+    WireFormatError,
     wire,
 )
 
@@ -315,3 +321,100 @@ def test_bfloat16_state_dict_and_int_buffers_survive_a_round_through_the_wire(
     assert int(state["1.num_batches_tracked"]) == int(initial["1.num_batches_tracked"]) + 1
     expected = initial["0.weight"].astype(np.float64) + 1.0
     np.testing.assert_allclose(final["0.weight"].astype(np.float64), expected, rtol=1e-2)
+
+
+def upload_directly(
+    agg: Aggregator, fid: str, client: str, delta: ParameterSet, meta: UpdateMeta
+) -> Receipt:
+    """Submit as the HTTP route does: staged safetensors bytes, parsed by the service."""
+    data = wire.encode(delta, {UPDATE_META_KEY: meta.model_dump_json()})
+    staged = agg.blobs.stage(len(data))
+    staged.write(data)
+    return agg.submit_update(client, fid, 1, staged)
+
+
+def test_in_process_upload_stores_and_acknowledges_what_the_wire_upload_does(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid, clients = running_round(agg, 4, clients_per_round=4)
+    meta = UpdateMeta(num_examples=6, metrics={"train_loss": 0.25})
+    delta = delta_for(0, 1)
+    data = wire.encode(delta, {UPDATE_META_KEY: meta.model_dump_json()})
+    in_process = InProcessTransport(agg, clients[0]).submit_update(fid, 1, delta, meta)
+    direct = upload_directly(agg, fid, clients[1], delta, meta)
+    assert in_process.sha256 == direct.sha256 == hashlib.sha256(data).hexdigest()
+    assert in_process.model_dump(exclude={"client_id"}) == direct.model_dump(exclude={"client_id"})
+    with agg.blobs.open(in_process.sha256) as fh:
+        assert fh.read() == data
+    with agg.store.transaction() as tx:
+        rows = {u.client_id: u for u in tx.list_updates(fid, 1)}
+    assert rows[clients[0]].metrics == rows[clients[1]].metrics == {"train_loss": 0.25}
+    assert rows[clients[0]].num_examples == rows[clients[1]].num_examples == 6
+
+
+def bad_delta(kind: str) -> ParameterSet:
+    good = dict(delta_for(0, 1))
+    if kind == "nan":
+        good["w"] = np.full((2, 3), np.nan, dtype=np.float32)
+    elif kind == "shape":
+        good["w"] = np.zeros((3, 2), dtype=np.float32)
+    elif kind == "dtype":
+        good["w"] = np.zeros((2, 3), dtype=np.float64)
+    elif kind == "missing":
+        del good["steps"]
+    else:
+        good["extra"] = np.zeros(1, dtype=np.float32)
+    return ParameterSet(good)
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("nan", NonFiniteUpdate),
+        ("shape", TensorMismatch),
+        ("dtype", TensorMismatch),
+        ("missing", TensorMismatch),
+        ("extra", TensorMismatch),
+    ],
+)
+def test_in_process_uploads_are_refused_like_wire_uploads_and_leave_nothing(
+    make_aggregator: Callable[[Clock], Aggregator], kind: str, error: type[Exception]
+) -> None:
+    agg = make_aggregator(Clock())
+    fid, clients = running_round(agg, 3)
+    meta = UpdateMeta(num_examples=2)
+    with pytest.raises(error):
+        InProcessTransport(agg, clients[0]).submit_update(fid, 1, bad_delta(kind), meta)
+    with pytest.raises(error):
+        upload_directly(agg, fid, clients[1], bad_delta(kind), meta)
+    data = wire.encode(bad_delta(kind), {UPDATE_META_KEY: meta.model_dump_json()})
+    assert not agg.blobs.exists(hashlib.sha256(data).hexdigest())
+    with agg.store.transaction() as tx:
+        assert tx.count_updates(fid, 1) == 0
+
+
+def test_in_process_upload_with_a_metric_json_cannot_carry_is_refused_like_a_wire_upload(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid, clients = running_round(agg, 3)
+    # JSON has no NaN: the metadata says null, which is not a number.
+    meta = UpdateMeta(num_examples=2, metrics={"train_loss": float("nan")})
+    with pytest.raises(WireFormatError, match=r"fedcore\.update"):
+        InProcessTransport(agg, clients[0]).submit_update(fid, 1, delta_for(0, 1), meta)
+    with pytest.raises(WireFormatError, match=r"fedcore\.update"):
+        upload_directly(agg, fid, clients[1], delta_for(0, 1), meta)
+
+
+def test_in_process_upload_folds_the_stored_bytes_not_the_callers_arrays(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid, clients = running_round(agg, 2, rounds=1, clients_per_round=2)
+    deltas = [delta_for(i, 1) for i in range(2)]
+    for client, delta in zip(clients, deltas, strict=True):
+        InProcessTransport(agg, client).submit_update(fid, 1, delta, UpdateMeta(num_examples=1))
+        delta["w"][...] = 1e6  # the caller reuses its buffer after the upload
+    final = agg.load_model(fid, agg.get_federation(fid).model_version)
+    np.testing.assert_allclose(final["w"], model()["w"] + (0.1 + 0.2) / 2, rtol=1e-6)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from clients import copy_into, to_parameters, to_state_dict
-from fedcore import TensorMismatch, wire
+from clients.torchstate import StateViews
+from fedcore import ParameterSet, TensorMismatch, wire
 
 
 class MixedModel(torch.nn.Module):
@@ -115,6 +116,55 @@ def test_copy_into_refuses_other_tensor_names() -> None:
         copy_into(state, params)
 
 
+def test_state_views_load_like_copy_into_for_every_dtype() -> None:
+    source = trained_model()
+    params, _ = wire.decode(wire.encode(to_parameters(source.state_dict())))
+    by_function, by_views = MixedModel(), MixedModel()
+    copy_into(by_function.state_dict(), params)
+    before = by_views.linear.weight.data_ptr()
+    StateViews(by_views.state_dict()).load(params)
+    assert by_views.linear.weight.data_ptr() == before
+    for name, tensor in by_function.state_dict().items():
+        assert torch.equal(by_views.state_dict()[name], tensor), name
+
+
+def test_state_views_load_casts_other_dtypes_like_copy_into() -> None:
+    model = MixedModel()
+    views = StateViews(model.state_dict())
+    params = dict(to_parameters(model.state_dict(), copy=True))
+    params["linear.weight"] = np.full((3, 4), 1 / 3, dtype=np.float64)
+    views.load(params)
+    assert model.linear.weight.dtype == torch.float32
+    assert torch.equal(model.linear.weight, torch.full((3, 4), 1 / 3, dtype=torch.float32))
+
+
+def test_state_views_read_copies_what_the_model_holds_after_training() -> None:
+    model = trained_model()
+    views = StateViews(model.state_dict())
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)  # in place, as SGD steps are
+    names = list(reversed(list(model.state_dict())))
+    read = views.read(names)
+    want = to_parameters({n: model.state_dict()[n] for n in names}, copy=True)
+    assert list(read) == names
+    for name, array in want.items():
+        assert read[name].dtype == array.dtype, name
+        assert read[name].tobytes() == array.tobytes(), name
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+    assert read["linear.weight"].tobytes() == want["linear.weight"].tobytes()
+
+
+def test_state_views_refuse_other_tensor_names_and_shapes() -> None:
+    state = MixedModel().state_dict()
+    views = StateViews(state)
+    params = dict(to_parameters(state, copy=True))
+    del params["mask"]
+    params["small"] = np.zeros(3, np.int8)
+    with pytest.raises(TensorMismatch, match=r"missing tensor 'mask'.*'small' has shape"):
+        views.load(ParameterSet(params))
+
+
 def test_unsupported_dtype_is_refused_with_its_name() -> None:
     with pytest.raises(TypeError, match=r"'z'.*complex64"):
         to_parameters({"z": torch.zeros(2, dtype=torch.complex64)})
@@ -132,3 +182,8 @@ def test_cuda_tensors_are_copied_to_host_and_back() -> None:
     target = MixedModel().cuda()
     copy_into(target.state_dict(), params)
     assert torch.equal(target.brain, model.brain)
+    views = StateViews(MixedModel().cuda().state_dict())
+    views.load(params)
+    read = views.read(params)
+    for name, array in params.items():
+        assert read[name].tobytes() == array.tobytes(), name

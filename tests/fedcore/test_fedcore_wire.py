@@ -124,6 +124,92 @@ def test_bfloat16_model_round_trips_through_the_wire_and_a_fedavg_round(tmp_path
     assert_same_bits(nxt, model)
 
 
+_REFERENCE_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def reference_encode(params: dict[str, Array], metadata: dict[str, str]) -> bytes:
+    """Encode as the format says, slowly and obviously: one JSON header, data by item size."""
+    header: dict[str, Any] = {
+        "__metadata__": dict(
+            sorted({**metadata, "fedcore.names": json.dumps(list(params))}.items())
+        )
+    }
+    ranked = sorted(enumerate(params.items()), key=lambda item: (-item[1][1].itemsize, item[0]))
+    body = b""
+    for _, (name, array) in ranked:
+        data = np.ascontiguousarray(array).tobytes()
+        header[name] = {
+            "dtype": _REFERENCE_CODES[str(array.dtype)],
+            "shape": list(array.shape),
+            "data_offsets": [len(body), len(body) + len(data)],
+        }
+        body += data
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + body
+
+
+@PROPERTY
+@given(parameter_sets(), st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
+def test_encode_gives_the_bytes_of_the_slow_reference_encoder(
+    params: dict[str, Array], metadata: dict[str, str]
+) -> None:
+    metadata.pop("fedcore.names", None)
+    assert wire.encode(params, metadata) == reference_encode(params, metadata)
+    # A second call takes the cached layout, with other metadata.
+    assert wire.encode(params, {"k": "2"}) == reference_encode(params, {"k": "2"})
+
+
+@PROPERTY
+@given(bf16_sets())
+def test_encode_of_bfloat16_gives_the_bytes_of_the_slow_reference_encoder(
+    params: dict[str, Array],
+) -> None:
+    assert wire.encode(params) == reference_encode(params, {})
+
+
+def test_encode_takes_non_contiguous_arrays_as_their_values() -> None:
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    params = {"t": base.T, "s": base[:, ::2], "n": np.array(5, np.int64)}
+    assert wire.encode(params, {"k": "v"}) == reference_encode(params, {"k": "v"})
+    got, _ = wire.decode(wire.encode(params))
+    assert_same_bits(got, params)
+
+
+@PROPERTY
+@given(parameter_sets(), st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
+def test_encode_views_returns_the_encoding_and_what_decoding_it_gives(
+    params: dict[str, Array], metadata: dict[str, str]
+) -> None:
+    metadata.pop("fedcore.names", None)
+    data, views = wire.encode_views(params, metadata)
+    assert data == wire.encode(params, metadata)
+    decoded, _ = wire.decode(data)
+    assert_same_bits(views, params)
+    for name, view in views.items():
+        assert view.dtype == decoded[name].dtype
+        assert view.shape == decoded[name].shape
+        assert not view.flags.writeable
+        assert np.shares_memory(view, np.frombuffer(data, np.uint8)) or view.nbytes == 0
+
+
+def test_encode_views_are_unaffected_by_later_changes_to_the_source() -> None:
+    source = {"w": np.arange(6, dtype=np.float32)}
+    _, views = wire.encode_views(source)
+    source["w"][:] = -1
+    np.testing.assert_array_equal(views["w"], np.arange(6, dtype=np.float32))
+
+
+def test_encode_refuses_the_reserved_tensor_name_and_unknown_dtypes() -> None:
+    with pytest.raises(ValueError, match="__metadata__"):
+        wire.encode({"__metadata__": np.zeros(1, np.float32)})
+    with pytest.raises(TypeError, match="complex64"):
+        wire.encode({"c": np.zeros(2, np.complex64)})
+
+
 def test_names_keep_the_model_order_not_the_sorted_order() -> None:
     params = {n: np.zeros(2, np.float32) for n in ["z.weight", "a.bias", "m", "B", "_x"]}
     got, _ = wire.decode(wire.encode(params))
