@@ -106,6 +106,19 @@ class FederationSettings(FederationConfig):
     secure_aggregation: bool = False
     secagg: SecAggSettings = Field(default_factory=SecAggSettings)
 
+    @property
+    def client_level_dp(self) -> DpConfig | None:
+        """Return `dp` when the aggregator runs it (central or distributed), else None.
+
+        Those modes protect each client's whole update: the aggregator
+        samples Poisson cohorts, accounts every round and enforces the
+        budget. Local mode (DP-SGD) protects each client's examples and is
+        run and accounted by the clients, so its rounds are plain rounds.
+        """
+        if self.dp is None or self.dp.mode is DpMode.LOCAL:
+            return None
+        return self.dp
+
     def stage_timeout_s(self) -> float:
         """Return the deadline of one SecAgg stage, in seconds."""
         return self.secagg.stage_timeout_s or self.round_timeout_s
@@ -130,9 +143,13 @@ def parse_settings(data: Any) -> FederationSettings:
     # answer lists everything.
     dp = _dp_section(data)
     if dp is not None:
-        problems += _dp_problems(_with_rounds(dp, data.get("rounds")))
+        secure = bool(data.get("secure_aggregation", False))
+        problems += _dp_problems(_with_rounds(dp, data.get("rounds")), secure=secure)
     if settings is not None:
         problems += _secagg_problems(settings)
+        if settings.train.dpsgd is not None:
+            # The service fills it from `dp` so that it is validated and reported.
+            problems.append("train.dpsgd: turn DP-SGD on with dp.mode 'local', not here")
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
@@ -157,7 +174,11 @@ def resolve_settings(config: FederationConfig) -> FederationSettings:
     if settings.dp is None:
         return settings
     dp = _with_rounds(settings.dp, settings.rounds)
-    _raise(_dp_problems(dp))
+    secure = settings.secure_aggregation
+    _raise(_dp_problems(dp, secure=secure))
+    if dp.mode is DpMode.LOCAL:
+        # Each client calibrates and accounts DP-SGD for its own data size.
+        return settings.model_copy(update={"dp": dp})
     if dp.noise_multiplier is None:
         try:
             multiplier = dp.resolved_noise_multiplier()
@@ -165,7 +186,7 @@ def resolve_settings(config: FederationConfig) -> FederationSettings:
             raise ConfigError([f"dp: {exc}"]) from None
         dp = dp.model_copy(update={"noise_multiplier": multiplier})
         # Adaptive clipping's count noise is checked against z, known only now.
-        _raise(_dp_problems(dp))
+        _raise(_dp_problems(dp, secure=secure))
     _raise(_first_round_problems(dp))
     return settings.model_copy(update={"dp": dp})
 
@@ -187,15 +208,10 @@ def _with_rounds(dp: DpConfig, rounds: Any) -> DpConfig:
     return dp
 
 
-def _dp_problems(dp: DpConfig) -> list[str]:
+def _dp_problems(dp: DpConfig, *, secure: bool) -> list[str]:
     problems = []
-    if dp.mode is not DpMode.CENTRAL:
-        problems.append(
-            f"dp.mode: the aggregator runs 'central' differential privacy only, "
-            f"not {dp.mode.value!r}"
-        )
     try:
-        validate(dp, num_clients=None, secure_aggregation=False)
+        validate(dp, num_clients=None, secure_aggregation=secure)
     except ConfigError as exc:
         problems += [f"dp: {problem}" for problem in exc.problems]
     return problems
@@ -206,10 +222,10 @@ def _secagg_problems(settings: FederationSettings) -> list[str]:
     if not settings.secure_aggregation:
         return []
     problems = []
-    if settings.dp is not None:
+    if settings.dp is not None and settings.dp.mode is DpMode.CENTRAL:
         problems.append(
-            "secure_aggregation: central DP needs each update in the clear; "
-            "remove dp or turn secure_aggregation off"
+            "secure_aggregation: central DP needs each update in the clear; use "
+            "dp.mode 'distributed', remove dp, or turn secure_aggregation off"
         )
     if settings.min_clients < SECAGG_MIN_CLIENTS:
         problems.append(

@@ -15,13 +15,24 @@ never depends on which process saw which upload.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aggregator.blobs import BlobStore
-from aggregator.config import FederationSettings
-from aggregator.privacy import budget_allows, close_private, release_round, select_private
+from aggregator.config import SECAGG_MIN_CLIENTS, FederationSettings
+from aggregator.privacy import (
+    budget_allows,
+    close_private,
+    distributed_noise,
+    enrolled_clients,
+    next_distributed_event,
+    noise_message,
+    release_distributed,
+    release_round,
+    select_private,
+)
 from aggregator.records import (
     FederationRecord,
     FederationStatus,
@@ -41,15 +52,18 @@ from aggregator.rounds import (
 from aggregator.secagg import SecureRounds, Settling, secure_model
 from aggregator.store import Transaction
 from fedcore import (
+    DistributedNoise,
     FedAvg,
     FederationConfig,
     NotFound,
     ParameterSet,
+    RoundStateError,
     TensorSpec,
     WeightedMean,
     wire,
 )
-from privacy.secagg import SecAggResult
+from privacy.dp import DpConfig, DpMode, PrivacyEvent
+from privacy.secagg import RoundSetup, SecAggConfig, SecAggResult
 
 __all__ = [
     "ENDED",
@@ -179,7 +193,8 @@ class RoundEngine:
         if closed >= config.rounds:
             return tx.update_federation(fed.id, status=FederationStatus.FINISHED)
         # Before the cohort is sampled: a round that would overshoot never starts.
-        if config.dp is not None and not budget_allows(config.dp, rounds):
+        dp = config.client_level_dp
+        if dp is not None and not budget_allows(dp, rounds, self._next_event(tx, fed, dp)):
             return tx.update_federation(fed.id, status=FederationStatus.BUDGET_EXHAUSTED)
         number = fed.current_round + 1
         tx.add_round(
@@ -196,9 +211,15 @@ class RoundEngine:
 
     def _select(self, tx: Transaction, fed: FederationRecord, rnd: RoundRecord, now: float) -> bool:
         config = self.config_of(fed)
-        if config.dp is not None:
-            deadline = now + config.round_timeout_s
-            return select_private(tx, rnd, config.dp, deadline=deadline)
+        dp = config.client_level_dp
+        if dp is not None:
+            secure = config.secure_aggregation
+            deadline = now + (config.stage_timeout_s() if secure else config.round_timeout_s)
+            if not select_private(tx, rnd, dp, deadline=deadline, secure=secure):
+                return False
+            if secure:
+                self._plan_distributed(tx, fed, dp, now)
+            return True
         clients = [c for c in tx.list_clients(fed.id) if not c.revoked]
         if config.secure_aggregation:
             # Only a client with a registered identity can sign its round keys.
@@ -214,7 +235,8 @@ class RoundEngine:
         model = self.model(rnd.model_version)
         if config.secure_aggregation:
             chosen = tx.update_round(fed.id, rnd.number, cohort=cohort)
-            setup = self.secure.plan(tx, chosen, config, model)
+            protocol = self._protocol(fed, rnd.model_version)
+            setup = self.secure.plan(tx, chosen, protocol).to_bytes()
             tx.update_round(
                 fed.id,
                 rnd.number,
@@ -240,7 +262,7 @@ class RoundEngine:
             return self._settle_secure(tx, fed, rnd, now)
         received = tx.count_updates(fed.id, rnd.number)
         progress = RoundProgress(received, len(rnd.cohort), now >= rnd.deadline)
-        private = config.dp is not None
+        private = config.client_level_dp is not None
         decision = close_private(progress) if private else close_decision(config, progress)
         if decision is Closing.KEEP_OPEN:
             return False
@@ -266,21 +288,85 @@ class RoundEngine:
             tx.update_round(fed.id, rnd.number, deadline=deadline)
             return True
         self.secure.forget(fed.id, rnd.number)
-        if isinstance(detail, SecAggResult):
-            model = self.model(rnd.model_version)
-            new = secure_model(model, detail.mean(), self.config_of(fed).server_lr)
-            metrics = {
-                "clients": float(len(detail.survivors)),
-                "examples": detail.total_weight,
-                "dropped": float(len(detail.dropped)),
-                "excluded": float(len(detail.excluded)),
-            }
+        if not isinstance(detail, SecAggResult):
+            return self._fail(tx, rnd, now, str(detail))
+        config, model = self.config_of(fed), self.model(rnd.model_version)
+        metrics = {
+            "clients": float(len(detail.survivors)),
+            "dropped": float(len(detail.dropped)),
+            "excluded": float(len(detail.excluded)),
+        }
+        if config.client_level_dp is None:
+            new = secure_model(model, detail.mean(), config.server_lr)
+            metrics["examples"] = detail.total_weight or 0.0
             self._publish(tx, fed, rnd, (new, {"metrics": metrics}), now)
             return True
+        try:
+            release = release_distributed(
+                config, model, detail, rnd=rnd, rounds=tx.list_rounds(fed.id)
+            )
+        except ValueError as exc:
+            # Nothing is released, so the round spends no privacy.
+            return self._fail(tx, rnd, now, f"distributed DP: {exc}")
+        metrics["epsilon"] = release.epsilon
+        changes = {"metrics": metrics, "privacy": release.privacy}
+        self._publish(tx, fed, rnd, (release.model, changes), now)
+        return True
+
+    def _fail(self, tx: Transaction, rnd: RoundRecord, now: float, reason: str) -> bool:
         tx.update_round(
-            fed.id, rnd.number, status=RoundStatus.FAILED, closed_at=now, reason=str(detail)
+            rnd.federation_id, rnd.number, status=RoundStatus.FAILED, closed_at=now, reason=reason
         )
         return True
+
+    def _next_event(
+        self, tx: Transaction, fed: FederationRecord, dp: DpConfig
+    ) -> PrivacyEvent | None:
+        """Return the event a distributed round would release next (None: central's)."""
+        if dp.mode is not DpMode.DISTRIBUTED:
+            return None
+        population = len(enrolled_clients(tx, fed.id, secure=True))
+        return next_distributed_event(dp, max(population, 1), self.spec(fed.model_version))
+
+    def _plan_distributed(
+        self, tx: Transaction, fed: FederationRecord, dp: DpConfig, now: float
+    ) -> None:
+        """Plan secure aggregation for a distributed DP round whose cohort was just sampled.
+
+        A cohort too small for secure aggregation or for the noise the round
+        must hold fails the round at once: nothing is released, so nothing is
+        spent.
+        """
+        rnd = tx.get_round(fed.id, fed.current_round)
+        if rnd is None or rnd.privacy is None:
+            raise RoundStateError(f"round {fed.current_round} of {fed.id} has no privacy state")
+        needed = max(SECAGG_MIN_CLIENTS, dp.min_survivors or 0)
+        if len(rnd.cohort) < needed:
+            self._fail(
+                tx, rnd, now,
+                f"the Poisson cohort has {len(rnd.cohort)} clients; distributed DP with "
+                f"secure aggregation needs at least {needed}",
+            )  # fmt: skip
+            return
+        graph_seed = os.urandom(32)
+        noise = distributed_noise(dp, rnd.privacy, self.spec(rnd.model_version), graph_seed)
+        protocol = self._protocol(fed, rnd.model_version)
+        ring = (noise.dimension, noise.bits)
+        setup = self.secure.plan(tx, rnd, protocol, graph_seed=graph_seed, ring=ring)
+        tx.update_round(fed.id, rnd.number, secagg_setup=setup.to_bytes())
+
+    def _protocol(self, fed: FederationRecord, version: str) -> SecAggConfig:
+        size = sum(s.size for s in self.spec(version).values())
+        return self.config_of(fed).secagg.protocol(size)
+
+    def round_noise(self, fed: FederationRecord, rnd: RoundRecord) -> DistributedNoise | None:
+        """Return what each client of a distributed DP round must encode with, else None."""
+        dp = self.config_of(fed).client_level_dp
+        if dp is None or rnd.privacy is None or rnd.secagg_setup is None:
+            return None
+        graph_seed = RoundSetup.from_bytes(rnd.secagg_setup).graph_seed
+        spec = self.spec(rnd.model_version)
+        return noise_message(distributed_noise(dp, rnd.privacy, spec, graph_seed))
 
     def _close(
         self,
@@ -333,7 +419,7 @@ class RoundEngine:
         config = self.config_of(fed)
         model = self.model(rnd.model_version)
         metrics = _round_metrics(updates)
-        if config.dp is None:
+        if config.client_level_dp is None:
             aggregate = self._complete_aggregate(fed.id, rnd.number, model, updates)
             new = FedAvg(server_lr=config.server_lr).finish(model, aggregate)
             return new, {"metrics": metrics}
@@ -406,12 +492,20 @@ def current_round(tx: Transaction, fed: FederationRecord) -> RoundRecord | None:
 
 
 def _round_metrics(updates: Sequence[UpdateRecord]) -> dict[str, float]:
+    """Average the clients' metrics weighted by examples; ε (DP-SGD's, per client) takes the max.
+
+    Each DP-SGD client reports the ε its own data spent so far; the round
+    shows the largest, the guarantee that holds for every client.
+    """
     total = sum(u.num_examples for u in updates)
     metrics: dict[str, float] = {"clients": float(len(updates)), "examples": float(total)}
     sums: dict[str, float] = {}
     for update in updates:
         for key, value in update.metrics.items():
-            sums[key] = sums.get(key, 0.0) + value * update.num_examples
+            if key == "epsilon":
+                metrics[key] = max(metrics.get(key, 0.0), value)
+            else:
+                sums[key] = sums.get(key, 0.0) + value * update.num_examples
     if total > 0:
         metrics.update({key: value / total for key, value in sums.items()})
     return metrics

@@ -27,6 +27,16 @@ given). A DP federation runs its rounds as the accountant assumes them:
   always recomputed from the stored events, never kept in memory, so it is
   the same after a restart.
 
+Distributed DP (`dp.mode = "distributed"`, with secure aggregation) runs the
+same Poisson cohorts, budget and accounting, but the noise comes from the
+clients: each encodes its update with the distributed discrete Gaussian of
+`privacy.dp.distributed` before masking it, and the aggregator only decodes
+the unmasked sum (`release_distributed`). The round's parameters follow from
+the settings, N, the model and the round's public graph seed
+(`distributed_noise`), so they are recomputed, never stored. A round with
+fewer survivors than `dp.min_survivors` releases nothing: its sum would hold
+less noise than accounted for.
+
 Randomness comes from the OS CSPRNG (`NoiseSource.secure()`). With
 `dp.noise_seed` set (tests and simulation only; the run is flagged `seeded`
 and is NOT private), round r samples its cohort from
@@ -37,8 +47,9 @@ and is NOT private), round r samples its cohort from
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -54,19 +65,25 @@ from aggregator.records import (
 )
 from aggregator.rounds import Closing, RoundProgress
 from aggregator.store import Transaction
-from fedcore import ConfigError, ParameterSet
+from fedcore import ConfigError, DistributedNoise, ParameterSet, TensorSpec, as_dtype
 from privacy.dp import (
+    DistributedDp,
     DpConfig,
     DpFedAvg,
+    DpMode,
     GaussianEvent,
     NoiseSource,
     PrivacyEvent,
     central_strategy,
     check_budget,
+    decode,
+    distributed_params,
     epsilon,
     poisson_sample,
+    sum_norm_bound,
     validate,
 )
+from privacy.secagg import RoundSetup, SecAggResult
 
 __all__ = [
     "PrivacyReport",
@@ -75,8 +92,12 @@ __all__ = [
     "budget_allows",
     "check_population",
     "close_private",
+    "distributed_noise",
     "enrolled_clients",
+    "next_distributed_event",
+    "noise_message",
     "privacy_report",
+    "release_distributed",
     "release_round",
     "released_events",
     "sample_cohort_poisson",
@@ -132,12 +153,20 @@ class PrivacyReport:
     rounds: tuple[RoundEpsilon, ...] = ()
 
 
-def enrolled_clients(tx: Transaction, federation_id: str) -> list[str]:
-    """Return the population of a federation: its non-revoked clients, in enrollment order."""
-    return [c.id for c in tx.list_clients(federation_id) if not c.revoked]
+def enrolled_clients(tx: Transaction, federation_id: str, *, secure: bool = False) -> list[str]:
+    """Return the population of a federation: its non-revoked clients, in enrollment order.
+
+    With `secure`, only clients that registered an identity key: no other
+    client can sign its round keys.
+    """
+    return [
+        c.id
+        for c in tx.list_clients(federation_id)
+        if not c.revoked and (not secure or c.identity_key is not None)
+    ]
 
 
-def check_population(dp: DpConfig, population: int) -> None:
+def check_population(dp: DpConfig, population: int, *, secure: bool = False) -> None:
     """Check `dp` against the N clients a DP federation is about to sample from.
 
     Raises:
@@ -150,7 +179,7 @@ def check_population(dp: DpConfig, population: int) -> None:
              "enrolled clients, so enroll them before starting it"]
         )  # fmt: skip
     try:
-        validate(dp, num_clients=population, secure_aggregation=False)
+        validate(dp, num_clients=population, secure_aggregation=secure)
     except ConfigError as exc:
         raise ConfigError([f"dp: {problem}" for problem in exc.problems]) from None
 
@@ -170,9 +199,20 @@ def spent_epsilon(dp: DpConfig, rounds: Sequence[RoundRecord]) -> float:
     return epsilon(released_events(rounds), dp.delta, dp.make_accountant())
 
 
-def budget_allows(dp: DpConfig, rounds: Sequence[RoundRecord]) -> bool:
-    """Return whether one more round fits in the federation's budget."""
-    check = check_budget(released_events(rounds), _event(dp), dp.budget(), dp.make_accountant())
+def budget_allows(
+    dp: DpConfig, rounds: Sequence[RoundRecord], next_event: PrivacyEvent | None = None
+) -> bool:
+    """Return whether one more round fits in the federation's budget.
+
+    Args:
+        dp: the DP settings (z resolved).
+        rounds: the federation's rounds; the released ones count.
+        next_event: what the next round would release; by default the
+            Gaussian event of central DP-FedAvg (distributed rounds pass
+            theirs, which depends on N and the model: `distributed_noise`).
+    """
+    event = next_event if next_event is not None else _event(dp)
+    check = check_budget(released_events(rounds), event, dp.budget(), dp.make_accountant())
     return check.allowed
 
 
@@ -184,14 +224,17 @@ def sample_cohort_poisson(
     return tuple(poisson_sample(client_ids, dp.sampling_rate or 1.0, source.generator))
 
 
-def select_private(tx: Transaction, rnd: RoundRecord, dp: DpConfig, *, deadline: float) -> bool:
+def select_private(
+    tx: Transaction, rnd: RoundRecord, dp: DpConfig, *, deadline: float, secure: bool = False
+) -> bool:
     """Sample a selecting DP round's cohort and start its training stage.
 
     The round keeps N and its clip norm (the one the last released round
     left: adaptive clipping moves it). Returns False, leaving the round as
-    it is, while no client is enrolled.
+    it is, while no client is enrolled (with `secure`: no client with an
+    identity key).
     """
-    population = enrolled_clients(tx, rnd.federation_id)
+    population = enrolled_clients(tx, rnd.federation_id, secure=secure)
     if not population:
         return False
     privacy = RoundPrivacy(
@@ -257,12 +300,124 @@ def release_round(
     return Release(release.model, privacy, spent_epsilon(dp, [*history, released]))
 
 
+def distributed_noise(
+    dp: DpConfig, privacy: RoundPrivacy, spec: Mapping[str, TensorSpec], graph_seed: bytes
+) -> DistributedDp:
+    """Return the distributed discrete Gaussian parameters of one secure DP round.
+
+    Args:
+        dp: distributed DP settings (z resolved).
+        privacy: the round's privacy state (N, its clip norm).
+        spec: the round model's tensors; integer tensors are not noised.
+        graph_seed: the round's public graph seed; the Hadamard rotation's
+            seed is derived from it, so it is fresh and public every round.
+
+    Raises:
+        ValueError: the settings do not fit this population or model
+            (`DistributedDp` lists why).
+    """
+    digest = hashlib.sha256(b"fedcore/distributed-dp/rotation\0" + graph_seed).digest()
+    settings = dp.model_copy(update={"clip_norm": privacy.clip_norm})
+    return distributed_params(
+        settings,
+        num_clients=max(privacy.population, 1),
+        num_parameters=_float_parameters(spec),
+        rotation_seed=int.from_bytes(digest[:8], "big") >> 1,
+    )
+
+
+def next_distributed_event(
+    dp: DpConfig, population: int, spec: Mapping[str, TensorSpec]
+) -> PrivacyEvent:
+    """Return the event a distributed round over `population` clients would release."""
+    privacy = RoundPrivacy(population=population, clip_norm=dp.clip_norm, seeded=False)
+    return distributed_noise(dp, privacy, spec, b"").event(dp.sampling_rate or 1.0)
+
+
+def noise_message(params: DistributedDp) -> DistributedNoise:
+    """Return `params` as the message that tells each client how to encode."""
+    # The message has exactly the dataclass's fields (a test checks both ways).
+    return DistributedNoise(**dataclasses.asdict(params))
+
+
+def release_distributed(
+    config: FederationSettings,
+    model: ParameterSet,
+    result: SecAggResult,
+    *,
+    rnd: RoundRecord,
+    rounds: Sequence[RoundRecord],
+) -> Release:
+    """Decode a distributed DP round's unmasked sum and return what it releases.
+
+    The decoded sum holds every survivor's clipped update and noise; it is
+    divided by the expected cohort q·N, as in DP-FedAvg, and applied with
+    the server learning rate. Integer tensors are left as they are.
+
+    Raises:
+        ValueError: not a distributed DP round; fewer survivors than
+            `min_survivors` (the sum holds less noise than accounted for); or
+            a sum too large for honest clients (a client bypassed the
+            encoder, or the ring wrapped around): nothing is released.
+    """
+    dp, privacy = config.dp, rnd.privacy
+    if (
+        dp is None
+        or dp.mode is not DpMode.DISTRIBUTED
+        or privacy is None
+        or rnd.secagg_setup is None
+    ):
+        raise ValueError(f"round {rnd.number} is not a round of a distributed DP federation")
+    graph_seed = RoundSetup.from_bytes(rnd.secagg_setup).graph_seed
+    params = distributed_noise(dp, privacy, model.spec(), graph_seed)
+    survivors = len(result.survivors)
+    sums = decode(result.ring_sum, params, model.spec(), survivors=survivors)
+    norm = math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in sums.values()))
+    bound = sum_norm_bound(params, survivors)
+    if norm > bound:
+        raise ValueError(
+            f"the decoded sum has norm {norm:.4g}, above the bound {bound:.4g} that "
+            f"{survivors} honest clients stay under: a client bypassed the encoder or "
+            "the ring wrapped around"
+        )
+    divisor = (dp.sampling_rate or 1.0) * max(privacy.population, 1)
+    arrays = {}
+    for name, current in model.items():
+        if name not in sums:
+            arrays[name] = current
+            continue
+        value = np.asarray(current, dtype=np.float64) + (config.server_lr / divisor) * sums[name]
+        arrays[name] = value.astype(as_dtype(str(current.dtype)))
+    privacy = dataclasses.replace(
+        privacy, events=(params.event(dp.sampling_rate or 1.0),), next_clip_norm=params.clip_norm
+    )
+    released = dataclasses.replace(rnd, status=RoundStatus.CLOSED, privacy=privacy)
+    history = [r for r in rounds if r.number != rnd.number]
+    return Release(ParameterSet(arrays), privacy, spent_epsilon(dp, [*history, released]))
+
+
 def privacy_report(
     fed: FederationRecord, dp: DpConfig | None, rounds: Sequence[RoundRecord]
 ) -> PrivacyReport:
     """Describe a federation's privacy from its settings and its stored rounds."""
     if dp is None:
         return PrivacyReport(fed.id, fed.status)
+    if dp.mode is DpMode.LOCAL:
+        # Each DP-SGD client accounts its own examples; a round's metrics
+        # hold the largest client ε reported so far.
+        per_round = tuple(
+            RoundEpsilon(r.number, r.metrics["epsilon"], dp.clip_norm)
+            for r in rounds
+            if r.status is RoundStatus.CLOSED and "epsilon" in r.metrics
+        )
+        return PrivacyReport(
+            federation_id=fed.id,
+            status=fed.status,
+            dp=dp,
+            epsilon_spent=max((r.epsilon for r in per_round), default=0.0),
+            clip_norm=dp.clip_norm,
+            rounds=per_round,
+        )
     released = tuple(
         RoundEpsilon(r.number, r.metrics.get("epsilon", math.nan), r.privacy.clip_norm)
         for r in rounds
@@ -282,6 +437,10 @@ def _event(dp: DpConfig) -> GaussianEvent:
     # What `DpFedAvg.event()` returns for these settings: the event of a
     # round depends on q and z only, not on N or the clip norm.
     return GaussianEvent(dp.sampling_rate or 1.0, dp.resolved_noise_multiplier())
+
+
+def _float_parameters(spec: Mapping[str, TensorSpec]) -> int:
+    return sum(s.size for s in spec.values() if not s.is_integer)
 
 
 def _current_clip_norm(dp: DpConfig, rounds: Sequence[RoundRecord]) -> float:

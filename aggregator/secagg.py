@@ -26,6 +26,7 @@ signatures.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -35,11 +36,11 @@ from enum import Enum
 import numpy as np
 
 from aggregator.blobs import BlobStore
-from aggregator.config import FederationSettings
 from aggregator.records import RoundRecord, SecAggEntry, SecAggMessageRecord
 from aggregator.store import Transaction
 from fedcore import (
     Array,
+    DistributedNoise,
     NotFound,
     ParameterSet,
     RoundStateError,
@@ -48,12 +49,12 @@ from fedcore import (
 )
 from privacy.secagg import (
     RoundSetup,
+    SecAggConfig,
     SecAggResult,
     SecAggServer,
     Stage,
     StageOutcome,
     Verdict,
-    flatten,
     plan_round,
 )
 
@@ -131,21 +132,43 @@ class SecureRounds:
         self._lock = threading.RLock()
 
     def plan(
-        self, tx: Transaction, rnd: RoundRecord, config: FederationSettings, model: ParameterSet
-    ) -> bytes:
-        """Plan the round for its cohort and return the setup's bytes to persist."""
-        size = int(flatten(model).size)
+        self,
+        tx: Transaction,
+        rnd: RoundRecord,
+        protocol: SecAggConfig,
+        *,
+        graph_seed: bytes | None = None,
+        ring: tuple[int, int] | None = None,
+    ) -> RoundSetup:
+        """Plan the round for its cohort and return the setup to persist.
+
+        Args:
+            tx: the transaction the round is selected in.
+            rnd: the round, its cohort chosen.
+            protocol: the federation's settings for the round's model
+                (`SecAggSettings.protocol`).
+            graph_seed: the public seed of the neighbour graph; fresh if None.
+            ring: (vector length, ring bits) when clients send vectors they
+                encoded in the ring themselves (distributed DP); None to
+                quantize the model's values as `protocol` says.
+        """
         setup = plan_round(
-            config.secagg.protocol(size),
+            protocol,
             federation_id=rnd.federation_id,
             round=rnd.number,
             cohort=rnd.cohort,
+            graph_seed=graph_seed,
         )
+        if ring is not None:
+            length, bits = ring
+            setup = dataclasses.replace(
+                setup, quantization=None, vector_length=length, ring_bits=bits
+            )
         registry = self._registry(tx, rnd.federation_id, rnd.cohort)
         with self._lock:
             server = SecAggServer(setup, registry)
             self._machines[rnd.federation_id, rnd.number] = _Machine(server)
-        return setup.to_bytes()
+        return setup
 
     def receive(
         self, tx: Transaction, rnd: RoundRecord, message: StageMessage, now: float
@@ -237,9 +260,16 @@ class SecureRounds:
             return server.stage if client_id in server.pending else None
 
     def outbox(
-        self, tx: Transaction, rnd: RoundRecord, client_id: str, stage: Stage
+        self,
+        tx: Transaction,
+        rnd: RoundRecord,
+        client_id: str,
+        stage: Stage,
+        noise: DistributedNoise | None = None,
     ) -> bytes | None:
         """Return the message that opens `stage` for `client_id`, or None if not yet.
+
+        `noise` goes into the opening (advertise-keys) of a distributed DP round.
 
         Raises:
             RoundStateError: the stage is over, or the client takes no part in it.
@@ -247,7 +277,7 @@ class SecureRounds:
         if client_id not in rnd.cohort:
             raise RoundStateError(f"this client was not selected for round {rnd.number}")
         if stage is Stage.ADVERTISE_KEYS:
-            return self._opening(tx, rnd)
+            return self._opening(tx, rnd, noise)
         log = tx.list_secagg_messages(rnd.federation_id, rnd.number)
         with self._lock:
             machine = self._machine(tx, rnd, log)
@@ -272,12 +302,14 @@ class SecureRounds:
             return Settling.FAILED, f"secure aggregation failed: {server.failure}"
         return Settling.DONE, server.result()
 
-    def _opening(self, tx: Transaction, rnd: RoundRecord) -> bytes:
+    def _opening(self, tx: Transaction, rnd: RoundRecord, noise: DistributedNoise | None) -> bytes:
         if rnd.secagg_setup is None:
             raise RoundStateError(f"round {rnd.number} does not use secure aggregation")
         registry = self._registry(tx, rnd.federation_id, rnd.cohort)
         opening = SecAggSetup(
-            setup=rnd.secagg_setup, registry={c: k.hex() for c, k in registry.items()}
+            setup=rnd.secagg_setup,
+            registry={c: k.hex() for c, k in registry.items()},
+            distributed_dp=noise,
         )
         return opening.model_dump_json().encode()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 from aggregator.access import Access, client_of
@@ -48,6 +48,7 @@ from aggregator.secagg import StageMessage, parse_stage
 from aggregator.store import Store, Transaction
 from fedcore import (
     UPDATE_META_KEY,
+    DpSgdSettings,
     FederationConfig,
     FederationStateError,
     NotFound,
@@ -57,16 +58,21 @@ from fedcore import (
     Task,
     TaskAction,
     TensorSpec,
+    TrainConfig,
     UpdateConflict,
     UpdateMeta,
     WireFormatError,
     wire,
 )
+from privacy.dp import AccountantKind, DpMode
+from privacy.secagg import Stage
 
 __all__ = ["Aggregator"]
 
 # Check-ins refresh `last_seen` at most this often, to spare the database.
 _TOUCH_EVERY_S = 5.0
+# Shared tasks kept, two or three per federation.
+_CACHED_TASKS = 256
 
 
 class Aggregator:
@@ -82,6 +88,7 @@ class Aggregator:
         self._changed = threading.Condition()
         self._generation = 0
         self._engine = RoundEngine(blobs)
+        self._tasks: dict[tuple[str, TaskAction], Task] = {}
 
     # ----------------------------------------------------------- federations
 
@@ -151,9 +158,11 @@ class Aggregator:
             fed = locked_federation(tx, federation_id)
             if fed.status in ENDED:
                 raise FederationStateError(f"federation {federation_id} has {fed.status}")
-            dp = self._engine.config_of(fed).dp
+            config = self._engine.config_of(fed)
+            dp, secure = config.client_level_dp, config.secure_aggregation
             if dp is not None:
-                check_population(dp, len(enrolled_clients(tx, fed.id)))
+                population = len(enrolled_clients(tx, fed.id, secure=secure))
+                check_population(dp, population, secure=secure)
             fed = tx.update_federation(federation_id, status=FederationStatus.RUNNING)
             self._restart_deadline(tx, fed, now)
             fed = self._engine.advance(tx, fed, now)
@@ -293,11 +302,55 @@ class Aggregator:
             UpdateConflict: a different update is already stored.
             WireFormatError, TensorMismatch, NonFiniteUpdate: a bad payload.
         """
+        return self._submit(client_id, federation_id, round_number, staged, None)
+
+    def submit_decoded(
+        self,
+        client_id: str,
+        federation_id: str,
+        round_number: int,
+        staged: StagedBlob,
+        decoded: tuple[ParameterSet, Mapping[str, str]],
+    ) -> Receipt:
+        """Like `submit_update`, for staged bytes whose content the caller also holds decoded.
+
+        For the in-process transport, which encodes the update itself
+        (`fedcore.wire.encode_views`): parsing back the bytes it just wrote
+        would only repeat its work. The rest is as for an upload: the
+        metadata is parsed, the tensors are checked (names, shapes, dtypes,
+        finiteness), the staged bytes are stored under their digest, and the
+        tensors are folded.
+
+        Args:
+            client_id: the submitting client.
+            federation_id: its federation.
+            round_number: the round the update is for.
+            staged: the update's safetensors bytes, fully written.
+            decoded: the tensors and string metadata those bytes encode, as
+                `fedcore.wire.decode` would return them; the caller
+                guarantees that they are.
+
+        Raises:
+            RoundStateError, UpdateConflict: as `submit_update`.
+            WireFormatError, TensorMismatch, NonFiniteUpdate: a bad update.
+        """
+        return self._submit(client_id, federation_id, round_number, staged, decoded)
+
+    def _submit(
+        self,
+        client_id: str,
+        federation_id: str,
+        round_number: int,
+        staged: StagedBlob,
+        decoded: tuple[ParameterSet, Mapping[str, str]] | None,
+    ) -> Receipt:
         try:
             existing, rnd = self._check_upload(client_id, federation_id, round_number)
             if existing is not None:
                 return _receipt(_same_or_conflict(existing, staged.digest))
-            params, meta = _parse_update(staged, self._engine.spec(rnd.model_version))
+            params, metadata = staged.load() if decoded is None else decoded
+            meta = _update_meta(metadata)
+            _check_tensors(params, self._engine.spec(rnd.model_version))
             existed = self.blobs.exists(staged.digest)
             digest = staged.commit()
         finally:
@@ -332,7 +385,11 @@ class Aggregator:
         step = parse_stage(stage)
         with self.store.transaction() as tx:
             rnd = self._secure_round(tx, client_id, federation_id, round_number)
-            return self._engine.secure.outbox(tx, rnd, client_id, step)
+            noise = None
+            if step is Stage.ADVERTISE_KEYS:
+                fed = tx.get_federation(federation_id)
+                noise = None if fed is None else self._engine.round_noise(fed, rnd)
+            return self._engine.secure.outbox(tx, rnd, client_id, step, noise)
 
     def send_secagg(
         self, client_id: str, federation_id: str, round_number: int, stage: str, data: bytes
@@ -439,8 +496,8 @@ class Aggregator:
 
     def _task(self, fed: FederationRecord, rnd: RoundRecord | None, client_id: str) -> Task:
         if fed.status in ENDED:
-            return Task(action=TaskAction.FINISHED, federation_id=fed.id)
-        wait = Task(action=TaskAction.WAIT, federation_id=fed.id, retry_after_s=1.0)
+            return self._shared_task(fed, TaskAction.FINISHED)
+        wait = self._shared_task(fed, TaskAction.WAIT)
         if fed.status is not FederationStatus.RUNNING or rnd is None:
             return wait
         if rnd.status is not RoundStatus.TRAINING or client_id not in rnd.cohort:
@@ -449,19 +506,55 @@ class Aggregator:
         with self.store.transaction() as tx:
             if rnd.secagg_setup is not None:
                 stage = self._engine.secure.open_stage(tx, rnd, client_id)
-                if stage is None:
-                    return wait
-            elif tx.get_update(fed.id, rnd.number, client_id) is not None:
-                return wait
+                idle = stage is None
+            else:
+                idle = tx.get_update(fed.id, rnd.number, client_id) is not None
+        if idle:
+            return wait
+        if stage is None:
+            return self._shared_task(fed, TaskAction.TRAIN, rnd)
+        return self._secure_task(fed, rnd, stage)
+
+    def _secure_task(self, fed: FederationRecord, rnd: RoundRecord, stage: Stage) -> Task:
         return Task(
             action=TaskAction.TRAIN,
             federation_id=fed.id,
             round=rnd.number,
             model_version=rnd.model_version,
-            train=self._engine.config_of(fed).train,
-            secure=stage is not None,
-            stage=None if stage is None else stage.value,
+            train=_train_config(self._engine.config_of(fed)),
+            secure=True,
+            stage=stage.value,
         )
+
+    def _shared_task(
+        self, fed: FederationRecord, action: TaskAction, rnd: RoundRecord | None = None
+    ) -> Task:
+        """Return the task every asking client of `fed` gets now: finish, wait, or train `rnd`.
+
+        Tasks are immutable, so one object serves every check-in until the
+        round moves on: validating two new ones per check-in (the wait task
+        was built for training clients too) took about a third of it.
+        """
+        key = (fed.id, action)
+        task = self._tasks.get(key)
+        shown = None if rnd is None else (rnd.number, rnd.model_version)
+        if task is not None and (shown is None or shown == (task.round, task.model_version)):
+            return task
+        if rnd is None:
+            task = Task(action=action, federation_id=fed.id, retry_after_s=1.0)
+        else:
+            train = _train_config(self._engine.config_of(fed))
+            task = Task(
+                action=action,
+                federation_id=fed.id,
+                round=rnd.number,
+                model_version=rnd.model_version,
+                train=train,
+            )
+        if len(self._tasks) >= _CACHED_TASKS:
+            self._tasks.clear()
+        self._tasks[key] = task
+        return task
 
     def _model_record(self, federation_id: str, version: str) -> ModelRecord:
         with self.store.transaction() as tx:
@@ -475,6 +568,25 @@ class Aggregator:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+
+
+def _train_config(config: FederationSettings) -> TrainConfig:
+    """Return the clients' training settings, with DP-SGD's in local DP mode."""
+    dp = config.dp
+    if dp is None or dp.mode is not DpMode.LOCAL:
+        return config.train
+    dpsgd = DpSgdSettings(
+        max_grad_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        target_epsilon=dp.epsilon,
+        delta=dp.delta,
+        rounds=dp.rounds,
+        # Opacus has no PLD accountant; its PRV one (Gopi et al. 2021) is the
+        # same kind of tight numerical composition.
+        accountant="prv" if dp.accountant is AccountantKind.PLD else "rdp",
+        seed=dp.noise_seed,
+    )
+    return config.train.model_copy(update={"dpsgd": dpsgd})
 
 
 def _check_accepting(rnd: RoundRecord, client_id: str) -> None:
@@ -500,10 +612,8 @@ def _same_or_conflict(existing: UpdateRecord, digest: str) -> UpdateRecord:
     return existing
 
 
-def _parse_update(
-    staged: StagedBlob, spec: dict[str, TensorSpec]
-) -> tuple[ParameterSet, UpdateMeta]:
-    params, metadata = staged.load()
+def _update_meta(metadata: Mapping[str, str]) -> UpdateMeta:
+    """Parse the `UpdateMeta` an update's safetensors metadata carries."""
     raw = metadata.get(UPDATE_META_KEY)
     if raw is None:
         raise WireFormatError(f"update metadata lacks the {UPDATE_META_KEY!r} entry")
@@ -511,9 +621,13 @@ def _parse_update(
         meta = UpdateMeta.model_validate_json(raw)
     except ValueError as exc:
         raise WireFormatError(f"update metadata {UPDATE_META_KEY!r} is invalid: {exc}") from None
+    return meta
+
+
+def _check_tensors(params: ParameterSet, spec: dict[str, TensorSpec]) -> None:
+    """Check an update's names, shapes and dtypes against the model, and that it is finite."""
     wire.conform(params, spec)
     wire.check_finite(params)
-    return params, meta
 
 
 def _receipt(record: UpdateRecord) -> Receipt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aggregator import PrivacyReport, RoundStatus
+from privacy.dp import DpMode
 
 if TYPE_CHECKING:
     from api.simulation import RoundReport
@@ -31,6 +32,15 @@ DpEpsilonOpt = Annotated[
     ),
 ]
 DpClipOpt = Annotated[float, typer.Option(min=0.0, help="DP: L2 clip norm of client updates.")]
+DpModeOpt = Annotated[
+    Literal["central", "distributed", "local"],
+    typer.Option(
+        help="DP with --dp-epsilon: central (DP-FedAvg on the aggregator), distributed (each "
+        "client adds its share of discrete Gaussian noise before masking; needs "
+        "--secure-aggregation) or local (DP-SGD with Opacus on each client: --dp-clip clips "
+        "every example's gradient, and epsilon is each client's own, example-level budget)."
+    ),
+]
 SecureOpt = Annotated[
     bool,
     typer.Option(
@@ -59,13 +69,17 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
     dp_delta: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="DP: the budget's delta.")
     ] = 1e-5,
+    dp_mode: DpModeOpt = "central",
     secure_aggregation: SecureOpt = False,
 ) -> None:
     """Simulate a federation of virtual digits clients in-process, without HTTP.
 
     With --dp-epsilon, each client is Poisson-sampled with probability
     --fraction, and the noise (seeded with --seed: reproducible, not private)
-    is calibrated to fit --rounds rounds in the budget.
+    is calibrated to fit --rounds rounds in the budget. With --dp-mode local,
+    each client trains with DP-SGD instead, its noise calibrated to fit
+    --rounds rounds in its own budget; the table shows the largest client
+    epsilon of each round.
     """
     from api.plots import plot_history
     from api.simulation import SimulationConfig, simulate
@@ -82,6 +96,7 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
         dp_epsilon=dp_epsilon,
         dp_clip=dp_clip,
         dp_delta=dp_delta,
+        dp_mode=dp_mode,
         secure_aggregation=secure_aggregation,
     )
     problems = config.problems()
@@ -104,7 +119,7 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
         f"in {result.seconds:.1f} s; plot: {path}"
     )
     if result.privacy.dp is not None:
-        console.print(_privacy_line(result.privacy))
+        console.print(_privacy_line(result.privacy, result.reports))
 
 
 def demo(
@@ -174,15 +189,25 @@ def _table(reports: tuple[RoundReport, ...]) -> Table:
     return table
 
 
-def _privacy_line(report: PrivacyReport) -> str:
+def _privacy_line(report: PrivacyReport, rounds: tuple[RoundReport, ...]) -> str:
     dp = report.dp
     if dp is None:
         return "no differential privacy"
     noise = (
         "seeded noise: reproducible, NOT private" if dp.noise_seed is not None else "secure noise"
     )
+    if dp.mode is DpMode.LOCAL:
+        spent = max((r.epsilon for r in rounds if math.isfinite(r.epsilon)), default=0.0)
+        return (
+            f"local DP-SGD: largest client epsilon [bold]{spent:.4f}[/] of {dp.epsilon:g} each "
+            f"(example-level, delta {dp.delta:g}, per-example clip norm {dp.clip_norm:g}; "
+            f"{noise}); federation {report.status}"
+        )
+    if dp.mode is DpMode.DISTRIBUTED:
+        # The clients' noise is always secure; only the cohort sampling is seeded.
+        noise = "seeded sampling: NOT private" if dp.noise_seed is not None else "secure"
     return (
-        f"central DP: epsilon spent [bold]{report.epsilon_spent:.4f}[/] of {dp.epsilon:g} "
+        f"{dp.mode.value} DP: epsilon spent [bold]{report.epsilon_spent:.4f}[/] of {dp.epsilon:g} "
         f"(delta {dp.delta:g}, noise multiplier {dp.noise_multiplier:.4g}, "
         f"sampling rate {dp.sampling_rate:g}, clip norm {report.clip_norm:.4g}; {noise}); "
         f"federation {report.status}"

@@ -78,7 +78,7 @@ class _StoreCollector(Collector):
         if aggregator is None:
             return
         try:
-            feds, rounds = _counts(aggregator)
+            feds, rounds, spent = _counts(aggregator)
         except SQLAlchemyError:
             # /readyz reports the database; a scrape still returns the rest.
             logger.warning("database unreachable; round metrics left out of this scrape")
@@ -92,19 +92,34 @@ class _StoreCollector(Collector):
         )
         for status in FederationStatus:
             federations.add_metric([status.value], feds[status])
-        yield from (closed, failed, federations)
+        epsilon = GaugeMetricFamily(
+            "fedcore_privacy_epsilon_spent",
+            "Epsilon spent by the released rounds of each DP federation (at its delta).",
+            labels=["federation"],
+        )
+        for federation_id, value in spent.items():
+            epsilon.add_metric([federation_id], value)
+        yield from (closed, failed, federations, epsilon)
 
 
 def _counts(
     aggregator: Aggregator,
-) -> tuple[dict[FederationStatus, int], dict[RoundStatus, int]]:
+) -> tuple[dict[FederationStatus, int], dict[RoundStatus, int], dict[str, float]]:
+    """Count federations and rounds by status, and read each DP federation's ε spent.
+
+    A released DP round stores the ε of every round released so far in its
+    metrics (`aggregator.privacy`), so the last one holds the total.
+    """
     feds = dict.fromkeys(FederationStatus, 0)
     rounds = dict.fromkeys(RoundStatus, 0)
+    spent: dict[str, float] = {}
     for fed in aggregator.list_federations():
         feds[fed.status] += 1
         for rnd in aggregator.list_rounds(fed.id):
             rounds[rnd.status] += 1
-    return feds, rounds
+            if rnd.status is RoundStatus.CLOSED and rnd.privacy is not None:
+                spent[fed.id] = rnd.metrics.get("epsilon", spent.get(fed.id, 0.0))
+    return feds, rounds, spent
 
 
 class MetricsMiddleware:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -64,6 +65,18 @@ class SimulationConfig:
     L2 norm `dp_clip`, and the noise multiplier calibrated to fit `rounds`
     rounds in the budget (`dp_epsilon`, `dp_delta`). The noise is seeded
     with `seed`, so the run is reproducible and flagged as NOT private.
+
+    With `dp_mode` "distributed" (and `secure_aggregation`), the same
+    Poisson cohorts and budget, but each client clips its update to `dp_clip`
+    and adds its share of discrete Gaussian noise before masking it, so the
+    aggregator never sees a noise-free sum; a round releases only when at
+    least 80% of the expected cohort (and at least 3 clients) survive.
+
+    With `dp_mode` "local" instead, each client trains with DP-SGD (Opacus):
+    every example's gradient clipped to `dp_clip`, and each client's noise
+    multiplier calibrated so that `rounds` rounds of its training fit in its
+    own budget (`dp_epsilon`, `dp_delta`, example-level). A round reports
+    the largest ε of its clients.
     """
 
     clients: int = 100
@@ -77,6 +90,7 @@ class SimulationConfig:
     dp_epsilon: float | None = None
     dp_clip: float = 1.0
     dp_delta: float = 1e-5
+    dp_mode: Literal["central", "distributed", "local"] = "central"
     secure_aggregation: bool = False
     secagg_clip: float = 1.0
 
@@ -102,12 +116,35 @@ class SimulationConfig:
             )
         if not self.secagg_clip > 0:
             found.append(f"secagg_clip must be > 0, got {self.secagg_clip}")
+        if self.dp_mode == "distributed" and not self.secure_aggregation:
+            found.append("dp_mode 'distributed' needs secure_aggregation")
         return found
 
     def dp_config(self) -> DpConfig | None:
-        """Return the federation's central DP settings, or None without `dp_epsilon`."""
+        """Return the federation's DP settings, or None without `dp_epsilon`."""
         if self.dp_epsilon is None:
             return None
+        if self.dp_mode == "local":
+            return DpConfig(
+                mode=DpMode.LOCAL,
+                epsilon=self.dp_epsilon,
+                delta=self.dp_delta,
+                clip_norm=self.dp_clip,
+                rounds=self.rounds,
+                noise_seed=self.seed,
+            )
+        if self.dp_mode == "distributed":
+            expected = self.fraction * self.clients
+            return DpConfig(
+                mode=DpMode.DISTRIBUTED,
+                epsilon=self.dp_epsilon,
+                delta=self.dp_delta,
+                clip_norm=self.dp_clip,
+                sampling_rate=self.fraction,
+                rounds=self.rounds,
+                min_survivors=max(SECAGG_COHORT, math.floor(0.8 * expected)),
+                noise_seed=self.seed,
+            )
         return DpConfig(
             mode=DpMode.CENTRAL,
             epsilon=self.dp_epsilon,
@@ -121,7 +158,11 @@ class SimulationConfig:
 
 @dataclass(frozen=True, slots=True)
 class RoundReport:
-    """One round as a person wants to see it; `epsilon` is NaN without differential privacy."""
+    """One round as a person wants to see it.
+
+    `epsilon` is the federation's ε spent so far with central DP, the largest
+    ε of the round's clients with local DP (DP-SGD), NaN without DP.
+    """
 
     round: int
     status: RoundStatus
@@ -275,5 +316,6 @@ def _report(aggregator: Aggregator, record: RoundRecord, evaluator: Evaluator) -
         train_loss=record.metrics.get("train_loss", float("nan")),
         accuracy=accuracy,
         seconds=(record.closed_at or record.opened_at) - record.opened_at,
+        # Central and distributed DP: the federation's ε; local: the largest client's.
         epsilon=record.metrics.get("epsilon", math.nan),
     )

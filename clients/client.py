@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from clients.secagg import Progress, SecureParticipant
 from clients.trainer import Trainer
 from fedcore import (
+    BudgetExhausted,
     ConfigError,
     ParameterSet,
     Receipt,
@@ -58,6 +59,10 @@ class Client:
     federations with secure aggregation need it, and then the client runs
     the SecAgg+ stages itself (`clients.secagg`): nothing else changes for
     the caller.
+
+    A client whose trainer refuses a round because its privacy budget is
+    spent (`BudgetExhausted`, DP-SGD) stops participating: it logs why and
+    is `finished` from then on, without checking in again.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class Client:
         self._last_task: Task | None = None
         self._last_result: RoundResult | None = None
         self._stop = threading.Event()
+        self._exhausted = False
 
     @property
     def last_task(self) -> Task | None:
@@ -89,23 +95,38 @@ class Client:
         """The latest round this client trained."""
         return self._last_result
 
+    @property
+    def finished(self) -> bool:
+        """Whether the federation finished, or this client spent its privacy budget."""
+        if self._exhausted:
+            return True
+        return self._last_task is not None and self._last_task.action is TaskAction.FINISHED
+
     def step(self) -> TaskAction:
         """Check in once and, if asked to, train and upload the update.
 
         Returns:
             The action of the check-in: `train` (done), `wait` (check in again
-            after `last_task.retry_after_s`) or `finished`.
+            after `last_task.retry_after_s`) or `finished` (also once the
+            client's privacy budget is spent; it then no longer checks in).
 
         Raises:
             FedcoreError: the transport failed or the aggregator refused
                 (a round that closed while training is logged, not raised).
         """
+        if self._exhausted:
+            return TaskAction.FINISHED
         task = self.transport.fetch_task(self.federation_id)
         self._last_task = task
-        if task.action is TaskAction.TRAIN and task.secure:
-            return self._secure_step(task)
-        if task.action is TaskAction.TRAIN:
-            self._last_result = self._train(task)
+        try:
+            if task.action is TaskAction.TRAIN and task.secure:
+                return self._secure_step(task)
+            if task.action is TaskAction.TRAIN:
+                self._last_result = self._train(task)
+        except BudgetExhausted as exc:
+            logger.warning("federation %s: client stops: %s", self.federation_id, exc)
+            self._exhausted = True
+            return TaskAction.FINISHED
         return task.action
 
     def run(
@@ -115,7 +136,7 @@ class Client:
         max_rounds: int | None = None,
         max_sleep_s: float = 60.0,
     ) -> int:
-        """Step until the federation finishes, `stop()` is called or `max_rounds` trained.
+        """Step until the federation or the client is `finished`, `stop()` or `max_rounds`.
 
         Args:
             on_round: called with each round's result, e.g. to print progress.
@@ -131,7 +152,8 @@ class Client:
             before = self._last_result
             action = self.step()
             if action is TaskAction.FINISHED:
-                logger.info("federation %s finished", self.federation_id)
+                if not self._exhausted:
+                    logger.info("federation %s finished", self.federation_id)
                 break
             if action is TaskAction.TRAIN and self._last_result is before:
                 continue  # a secure stage answered: check in again at once

@@ -100,7 +100,7 @@ class Fleet:
 
 
 def _is_finished(client: Client) -> bool:
-    return client.last_task is not None and client.last_task.action is TaskAction.FINISHED
+    return client.finished
 
 
 def _device_of(model: torch.nn.Module) -> Device:

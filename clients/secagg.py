@@ -7,6 +7,15 @@ trains at the masked-input stage and sends only its masked, quantized
 delta: the aggregator never sees the update itself. A retry of a stage sends
 the same reply again, which the aggregator takes once.
 
+In a federation with distributed DP the opening also carries the round's
+distributed discrete Gaussian parameters: the client clips, rotates, rounds
+and noises its delta with `privacy.dp.distributed.encode` (noise from the OS
+CSPRNG) and masks that ring vector, so the unmasked sum already holds every
+survivor's noise share. The client checks that the parameters fit the
+round's setup; it cannot check that the noise multiplier is what the
+federation promised (the server announces it), which an operator who does
+not trust the server pins in the clients' configuration.
+
 On a `ProtocolViolation` (the server's message breaks the protocol) the
 client abandons the round and logs why; it takes part again from the next
 round.
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from fedcore import (
+    DistributedNoise,
     ParameterSet,
     RoundStateError,
     SecAggSetup,
@@ -28,6 +38,8 @@ from fedcore import (
     TransportError,
     UpdateMeta,
 )
+from privacy.dp.distributed import DistributedDp, encode
+from privacy.dp.noise import NoiseSource
 from privacy.secagg import (
     ClientIdentity,
     KeyRoster,
@@ -66,6 +78,7 @@ class _Round:
     number: int
     machine: SecAggClient | None = None
     setup: RoundSetup | None = None
+    noise: DistributedDp | None = None
     masked: bytes | None = None
     aborted: bool = False
 
@@ -126,8 +139,15 @@ class SecureParticipant:
             return current.masked, Progress.SENT
         delivery = ShareDelivery.from_bytes(data)
         delta, meta = train()
-        weight = min(float(meta.num_examples), setup.quantization.max_weight)
-        masked = machine.masked_input(delivery, flatten(delta), weight=weight)
+        if current.noise is not None:
+            # Every client counts once in distributed DP: no weight is sent.
+            codes = encode(delta, current.noise, NoiseSource.secure())
+            masked = machine.masked_ring_input(delivery, codes)
+        elif setup.quantization is not None:
+            weight = min(float(meta.num_examples), setup.quantization.max_weight)
+            masked = machine.masked_input(delivery, flatten(delta), weight=weight)
+        else:
+            raise ProtocolViolation("a round without quantization and without DP parameters")
         self.last_meta = meta
         current.masked = masked.to_bytes()
         return current.masked, Progress.TRAINED
@@ -142,6 +162,25 @@ class SecureParticipant:
                     f"came for round {current.number}: a replay"
                 )
             registry = {c: bytes.fromhex(k) for c, k in opening.registry.items()}
+            current.noise = _noise(opening.distributed_dp, setup)
             current.machine = SecAggClient(self.identity, setup=setup, registry=registry)
             current.setup = setup
         return current.machine
+
+
+def _noise(message: DistributedNoise | None, setup: RoundSetup) -> DistributedDp | None:
+    """Return the round's distributed DP parameters, checked against its setup."""
+    if message is None:
+        return None
+    try:
+        params = DistributedDp(**message.model_dump())
+    except ValueError as exc:
+        raise ProtocolViolation(f"invalid distributed DP parameters: {exc}") from None
+    expected = (None, params.dimension, params.bits)
+    if (setup.quantization, setup.vector_length, setup.ring_bits) != expected:
+        raise ProtocolViolation(
+            "the distributed DP parameters do not match the round's setup "
+            f"(vector of {setup.vector_length} values in {setup.ring_bits} bits, "
+            f"expected {params.dimension} in {params.bits})"
+        )
+    return params

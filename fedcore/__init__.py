@@ -10,6 +10,7 @@ from fedcore import wire
 from fedcore.config import FederationConfig, StrategyName, parse_config
 from fedcore.errors import (
     AuthError,
+    BudgetExhausted,
     ConfigError,
     FedcoreError,
     FederationStateError,
@@ -27,6 +28,8 @@ from fedcore.errors import (
 from fedcore.fedavg import FedAvg, WeightedMean
 from fedcore.messages import (
     UPDATE_META_KEY,
+    DistributedNoise,
+    DpSgdSettings,
     Enrollment,
     Receipt,
     SecAggSetup,
@@ -44,7 +47,10 @@ __all__ = [
     "Aggregate",
     "Array",
     "AuthError",
+    "BudgetExhausted",
     "ConfigError",
+    "DistributedNoise",
+    "DpSgdSettings",
     "Enrollment",
     "FedAvg",
     "FedcoreError",

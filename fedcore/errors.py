@@ -20,13 +20,15 @@ one status code and one problem type in a single table.
     ├── NotFound (LookupError)              unknown federation, round, client or model id
     ├── AuthError                           missing, malformed, revoked or expired credential
     │   └── Forbidden                       valid credential, wrong role or wrong federation
-    └── TransportError                      the server could not be reached or answered badly
+    ├── TransportError                      the server could not be reached or answered badly
+    └── BudgetExhausted                     a client's privacy budget cannot pay for another round
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "BudgetExhausted",
     "ConfigError",
     "FedcoreError",
     "FederationStateError",
@@ -101,3 +103,7 @@ class Forbidden(AuthError):
 
 class TransportError(FedcoreError):
     """The server could not be reached, or answered with something unusable."""
+
+
+class BudgetExhausted(FedcoreError):
+    """Another round would take a client's ε past its privacy budget; it stops training."""

@@ -20,26 +20,45 @@ tests and simulation and is reported as `seeded`.
 Accounting state. Opacus's accountant history is a list of
 (noise_multiplier, sample_rate, steps) triples; `DpSgd.history` returns it
 and `DpSgdConfig.history` restores it, so a client's ε keeps composing
-across rounds and restarts.
+across rounds and restarts. `compose` and `compute_epsilon` tell the ε of a
+history before any step is taken, so that a client can refuse a round its
+budget cannot pay for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.validators import ModuleValidator
 from torch.nn import functional
 from torch.utils.data import DataLoader
 
-__all__ = ["DpSgd", "DpSgdConfig", "make_private"]
+__all__ = [
+    "DpSgd",
+    "DpSgdConfig",
+    "calibrate_noise",
+    "compose",
+    "compute_epsilon",
+    "make_private",
+    "model_problems",
+]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+History = Sequence[tuple[float, float, int]]
+"""Opacus's accountant history: (noise_multiplier, sample_rate, steps) triples."""
+
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,16 +137,20 @@ class DpSgd:
         """Run one DP-SGD step on a batch and return its loss (0.0 for an empty batch)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        # Opacus captures per-example gradients with full backward hooks;
+        # torch >= 2.8 warns when the first layer's input (the data) does not
+        # require grad (pytorch/pytorch#155339), although the hooks need only
+        # the output gradients (opacus#328). Floating-point data is marked
+        # as requiring grad (one small extra product in the first layer)
+        # rather than the warning filtered: filters are process-wide.
+        if features.is_floating_point():
+            features = features.detach().requires_grad_(True)
         loss = self.loss(self.model(features), labels)
-        with warnings.catch_warnings():
-            # Opacus captures per-example gradients with full backward hooks;
-            # torch >= 2.8 warns when the first layer's input (the data) does
-            # not require grad (pytorch/pytorch#155339), which is expected
-            # here: the hooks need only the output gradients (opacus#328).
-            warnings.filterwarnings(
-                "ignore", message="Full backward hook is firing", category=UserWarning
-            )
+        if features.requires_grad:
             loss.backward()  # type: ignore[no-untyped-call]
+        else:
+            with _quiet("Full backward hook is firing"):
+                loss.backward()  # type: ignore[no-untyped-call]
         # Opacus clips, noises and records the step even for an empty Poisson
         # batch: skipping it would under-count the accountant's steps.
         self.optimizer.step()
@@ -140,6 +163,81 @@ class DpSgd:
     def history(self) -> list[tuple[float, float, int]]:
         """Return the accountant history to persist, JSON-able."""
         return [(float(z), float(q), int(n)) for z, q, n in self.engine.accountant.history]
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-example gradients from the model.
+
+        The model can then be made private again (the next round) or trained
+        without DP; Opacus refuses to hook a model twice.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        # `model` is Opacus's GradSampleModule wrapper; its `_close` (Opacus
+        # >= 1.2, the public `cleanup` only from 1.6) unhooks the wrapped model.
+        self.model._close()  # type: ignore[operator]
+
+
+def compose(history: History, noise_multiplier: float, sample_rate: float, steps: int) -> History:
+    """Return `history` followed by `steps` steps of (z, q), merged as Opacus records them.
+
+    Opacus's accountants merge consecutive steps of equal (z, q) into one
+    entry; merging the same way here keeps a planned history equal to the
+    one training leaves, entry for entry.
+    """
+    entries = [(float(z), float(q), int(n)) for z, q, n in history]
+    if entries and entries[-1][:2] == (noise_multiplier, sample_rate):
+        z, q, n = entries.pop()
+        return [*entries, (z, q, n + steps)]
+    return [*entries, (noise_multiplier, sample_rate, steps)]
+
+
+def compute_epsilon(
+    history: History, *, delta: float, accountant: Literal["prv", "rdp"] = "prv"
+) -> float:
+    """Return the example-level ε at `delta` of an accountant history (0.0 when empty)."""
+    if not history:
+        return 0.0
+    engine = create_accountant(mechanism=accountant)
+    engine.history = list(history)
+    return float(engine.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Literal["prv", "rdp"] = "prv",
+) -> float:
+    """Return Opacus's noise multiplier for `steps` steps at rate q within (ε, δ).
+
+    Opacus bisects to within 0.01 of the target and returns the noisier
+    end, so `steps` steps spend at most `target_epsilon`.
+
+    Raises:
+        ValueError: the budget is too small for any noise multiplier up to 1e6.
+    """
+    # The bisection's first probes are tiny noise multipliers whose ε is
+    # huge, where the RDP analysis warns that the optimal order is the
+    # largest; those probes are discarded anyway.
+    with _quiet("Optimal order is the"):
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
+        )
+
+
+def model_problems(model: torch.nn.Module) -> list[str]:
+    """List the layers Opacus cannot compute per-example gradients for (empty: fine).
+
+    The model must be in training mode (Opacus checks that too).
+    """
+    return [str(error) for error in ModuleValidator.validate(model, strict=False)]
 
 
 def make_private(
@@ -155,13 +253,15 @@ def make_private(
         ValueError: the model has layers Opacus cannot compute per-example
             gradients for (e.g. BatchNorm; use GroupNorm).
     """
-    with warnings.catch_warnings():
-        # Opacus warns whenever secure_mode is off; this module documents its
-        # RNG choice (module docstring) and seeds the generator itself.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+    # Opacus warns whenever secure_mode is off; this module documents its
+    # RNG choice (module docstring) and seeds the generator itself.
+    with _quiet("Secure RNG turned off"):
         engine = PrivacyEngine(accountant=config.accountant)
     engine.accountant.history = list(config.history)
-    generator = torch.Generator()
+    # Opacus draws the noise on each parameter's device, which needs a
+    # generator of that device.
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63) if config.seed is None else config.seed)
     common: dict[str, Any] = {
         "module": model,
@@ -174,11 +274,10 @@ def make_private(
     if config.noise_multiplier is not None:
         parts = engine.make_private(noise_multiplier=config.noise_multiplier, **common)
     else:
-        with warnings.catch_warnings():
-            # Opacus bisects over noise multipliers; at the tiny ones it tries
-            # first, ε is huge and its RDP analysis warns that the optimal
-            # order is the largest; that probe is discarded anyway.
-            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        # Opacus bisects over noise multipliers; at the tiny ones it tries
+        # first, ε is huge and its RDP analysis warns that the optimal order
+        # is the largest; that probe is discarded anyway.
+        with _quiet("Optimal order is the"):
             parts = engine.make_private_with_epsilon(
                 target_epsilon=config.target_epsilon,
                 target_delta=config.delta,
@@ -186,3 +285,17 @@ def make_private(
                 **common,
             )
     return DpSgd(engine, (parts[0], parts[1], parts[-1]), config=config, loss=loss)
+
+
+@contextlib.contextmanager
+def _quiet(message: str) -> Iterator[None]:
+    """Ignore the UserWarnings that start with `message` inside the block.
+
+    `warnings.catch_warnings` swaps process-wide state and is not
+    thread-safe (Python docs, warnings module): two clients training in
+    threads of one process would restore each other's filters mid-block.
+    The lock keeps such blocks from overlapping.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield

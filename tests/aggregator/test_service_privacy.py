@@ -414,7 +414,7 @@ def test_invalid_dp_settings_are_refused_with_every_problem_listed() -> None:
     problems = caught.value.problems
     assert any(p.startswith("rounds:") for p in problems), problems
     for fragment in (
-        "dp.mode: the aggregator runs 'central'",
+        "dp: distributed mode needs min_survivors",
         "dp: epsilon must be",
         "dp: delta must be",
         "dp: sampling_rate is required",
@@ -480,3 +480,23 @@ def test_federations_without_dp_report_no_privacy() -> None:
     assert report.dp is None
     assert report.epsilon_spent is None
     assert report.status is FederationStatus.CREATED
+
+
+def test_dp_sgd_is_configured_through_dp_only() -> None:
+    dpsgd = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 1.0, "delta": 1e-5}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(
+            {"name": "x", "rounds": 1, "clients_per_round": 1, "train": {"dpsgd": dpsgd}}
+        )
+    assert any(
+        p.startswith("train.dpsgd: turn DP-SGD on with dp.mode") for p in caught.value.problems
+    )
+    local = parse_settings(
+        {
+            "name": "x",
+            "rounds": 2,
+            "clients_per_round": 1,
+            "dp": {"mode": "local", "epsilon": 2.0, "delta": 1e-5, "clip_norm": 1.0},
+        }
+    )
+    assert local.client_level_dp is None  # the clients run and account it

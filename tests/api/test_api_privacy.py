@@ -139,6 +139,10 @@ def test_dp_federation_spends_what_dp_accounting_says_and_ends_budget_exhausted(
         assert rnd["metrics"]["epsilon"] == row["epsilon"]
     assert all(c.task()["action"] == "finished" for c in clients)
     assert_problem(world.admin.post(f"/admin/federations/{fid}/start"), 409, "federation-state")
+    scraped = world.http().get("/metrics").text
+    gauge = f'fedcore_privacy_epsilon_spent{{federation="{fid}"}} '
+    (line,) = [row for row in scraped.splitlines() if row.startswith(gauge)]
+    assert float(line.removeprefix(gauge)) == pytest.approx(privacy["epsilon_spent"], abs=1e-9)
 
 
 def test_cli_shows_a_federations_privacy(world: World, tmp_path: Path) -> None:

@@ -52,3 +52,33 @@ def test_simulate_command_shows_epsilon_per_round(tmp_path: Path) -> None:
     assert "epsilon" in result.stdout
     assert "NOT private" in result.stdout
     assert (tmp_path / "sim.png").stat().st_size > 0
+
+
+def test_distributed_dp_simulation_runs_secure_rounds_and_accounts_them() -> None:
+    config = SimulationConfig(
+        clients=10,
+        rounds=3,
+        dp_epsilon=8.0,
+        dp_delta=1e-3,
+        dp_mode="distributed",
+        secure_aggregation=True,
+        lr=0.1,
+        seed=1,
+    )
+    result = simulate(config)
+
+    assert [r.status for r in result.reports] == [RoundStatus.CLOSED] * 3
+    assert all(r.clients == 10 for r in result.reports)
+    epsilons = [r.epsilon for r in result.reports]
+    assert all(math.isfinite(e) for e in epsilons), epsilons
+    assert epsilons == sorted(epsilons)
+    report = result.privacy
+    assert report.dp is not None
+    assert report.dp.mode.value == "distributed"
+    assert report.dp.min_survivors == 8  # 80% of the expected cohort
+    assert report.epsilon_spent == epsilons[-1] <= 8.0
+
+
+def test_distributed_dp_simulation_needs_secure_aggregation() -> None:
+    config = SimulationConfig(clients=10, rounds=1, dp_epsilon=8.0, dp_mode="distributed")
+    assert "dp_mode 'distributed' needs secure_aggregation" in config.problems()
