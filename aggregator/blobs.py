@@ -83,6 +83,10 @@ class BlobStore(Protocol):
         """Remove a blob if present."""
         ...
 
+    def digests(self, *, older_than: float | None = None) -> list[str]:
+        """Return the digests of the stored blobs, only those written before `older_than` if set."""
+        ...
+
 
 def _check_digest(digest: str) -> str:
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -200,9 +204,17 @@ class FileBlobStore:
         """Remove a blob if present."""
         self.path(digest).unlink(missing_ok=True)
 
-    def digests(self) -> list[str]:
-        """Return the digests of every stored blob."""
-        return sorted(p.name for p in self.root.glob("??/*") if len(p.name) == 64)
+    def digests(self, *, older_than: float | None = None) -> list[str]:
+        """Return the digests of the stored blobs, only those written before `older_than` if set.
+
+        `older_than` is a time as `time.time()` gives it, compared with each
+        file's modification time.
+        """
+        return sorted(
+            p.name
+            for p in self.root.glob("??/*")
+            if len(p.name) == 64 and (older_than is None or p.stat().st_mtime < older_than)
+        )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -241,7 +253,7 @@ class _MemoryStaged:
 
     def commit(self) -> str:
         digest = self.digest
-        self._store.blobs.setdefault(digest, self._buf.getvalue())
+        self._store.keep(digest, self._buf.getvalue())
         return digest
 
     def discard(self) -> None:
@@ -253,6 +265,7 @@ class MemoryBlobStore:
 
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
+        self._written: dict[str, float] = {}
 
     def stage(self, max_bytes: int) -> StagedBlob:
         """Start writing a new blob of at most `max_bytes` bytes."""
@@ -261,8 +274,18 @@ class MemoryBlobStore:
     def put(self, data: bytes) -> str:
         """Store `data` and return its digest."""
         digest = hashlib.sha256(data).hexdigest()
-        self.blobs.setdefault(digest, bytes(data))
+        self.keep(digest, bytes(data))
         return digest
+
+    def keep(self, digest: str, data: bytes) -> None:
+        """Store `data` under `digest` unless it is there already (its caller hashed it)."""
+        if digest not in self.blobs:
+            self.blobs[digest] = data
+            self._written[digest] = time.time()
+
+    def digests(self, *, older_than: float | None = None) -> list[str]:
+        """Return the digests of the stored blobs, only those written before `older_than` if set."""
+        return sorted(d for d, at in self._written.items() if older_than is None or at < older_than)
 
     def load(self, digest: str) -> tuple[ParameterSet, dict[str, str]]:
         """Return the blob's parameter set (views of the stored bytes) and metadata."""
@@ -279,3 +302,4 @@ class MemoryBlobStore:
     def delete(self, digest: str) -> None:
         """Remove a blob if present."""
         self.blobs.pop(digest, None)
+        self._written.pop(digest, None)

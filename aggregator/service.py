@@ -12,6 +12,7 @@ The round transitions themselves live in `aggregator.engine`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -73,6 +74,11 @@ __all__ = ["Aggregator"]
 _TOUCH_EVERY_S = 5.0
 # Shared tasks kept, two or three per federation.
 _CACHED_TASKS = 256
+# Blobs younger than this are never collected as orphans: an upload's row is
+# committed within a request's time of its blob.
+ORPHAN_GRACE_S = 3600.0
+
+logger = logging.getLogger(__name__)
 
 
 class Aggregator:
@@ -425,6 +431,38 @@ class Aggregator:
                     rnd = current_round(tx, fed)
                 if self._engine.due(fed, rnd, now, deadlines_only=True):
                     self._transition(fed.id, now)
+
+    def collect_orphans(self, *, grace_s: float = ORPHAN_GRACE_S) -> list[str]:
+        """Delete the blobs no row refers to that are older than `grace_s`; return their digests.
+
+        A blob is written and fsynced before the row that refers to it is
+        committed, so a crash between the two leaves a blob nothing refers
+        to. The grace period spares the blobs of uploads still in flight in
+        another worker (their row follows within a request's time).
+        """
+        # The digests are listed before the references are read: a blob
+        # written after that listing is not a candidate, one committed after
+        # it is found among the references.
+        candidates = self.blobs.digests(older_than=time.time() - grace_s)
+        if not candidates:
+            return []
+        referenced: set[str] = set()
+        with self.store.transaction() as tx:
+            for fed in tx.list_federations():
+                referenced.update(m.version for m in tx.list_models(fed.id))
+                for rnd in tx.list_rounds(fed.id):
+                    referenced.update(u.sha256 for u in tx.list_updates(fed.id, rnd.number))
+                    referenced.update(
+                        str(m.blob)
+                        for m in tx.list_secagg_messages(fed.id, rnd.number)
+                        if m.blob is not None
+                    )
+        orphans = [d for d in candidates if d not in referenced]
+        for digest in orphans:
+            self.blobs.delete(digest)
+        if orphans:
+            logger.info("deleted %d blobs that no row refers to", len(orphans))
+        return orphans
 
     # ------------------------------------------------------------- internals
 

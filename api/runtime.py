@@ -93,6 +93,8 @@ class Runtime:
         try:
             aggregator = Aggregator(store, FileBlobStore(settings.blob_dir))
             bootstrap_admin(aggregator.access, settings)
+            # A crash between a blob's fsync and its row's commit left it behind.
+            aggregator.collect_orphans()
         except BaseException:
             store.close()
             raise
