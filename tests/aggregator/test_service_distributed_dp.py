@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from settable_clock import Clock
 
 import clients.secagg
 from aggregator import (
@@ -70,14 +71,6 @@ def settings(clients: int, min_survivors: int, **dp: Any) -> dict[str, Any]:
         }
         | dp,
     }
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 import dp_accounting as dpa
 import numpy as np
 import pytest
+from settable_clock import Clock
 
 from aggregator import (
     Aggregator,
@@ -37,16 +38,6 @@ from fedcore import (
     wire,
 )
 from privacy.dp import DpConfig, calibrate_noise_multiplier
-
-
-class Clock:
-    """A settable clock, so deadlines can pass without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 2_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def model() -> ParameterSet:
@@ -158,7 +149,7 @@ def clip(update: ParameterSet, norm: float) -> dict[str, np.ndarray]:
 def test_dp_round_releases_clipped_sum_plus_noise_over_q_times_n(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(clip_norm=0.5), rounds=1)
     clients = enroll(agg, fid, 3)
     agg.start(fid)
@@ -181,7 +172,7 @@ def test_dp_round_releases_clipped_sum_plus_noise_over_q_times_n(
 def test_secure_noise_is_not_flagged_seeded(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(noise_seed=None), rounds=1)
     clients = enroll(agg, fid, 3)
     agg.start(fid)
@@ -198,7 +189,7 @@ def test_secure_noise_is_not_flagged_seeded(
 def test_seeded_runs_are_reproducible_and_flagged(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     released = []
     for _ in range(2):
         fid = create(agg, dp_section(), rounds=1)
@@ -225,7 +216,7 @@ def test_reported_epsilon_equals_dp_accounting_for_the_same_rounds(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
     q, z, delta_ = 0.5, 1.3, 1e-3
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(sampling_rate=q, noise_multiplier=z, delta=delta_), rounds=4)
     clients = enroll(agg, fid, 6)
     agg.start(fid)
@@ -249,7 +240,7 @@ def test_reported_epsilon_equals_dp_accounting_for_the_same_rounds(
 def test_poisson_cohorts_sample_every_enrolled_client_without_check_ins(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(sampling_rate=1.0), rounds=1)
     enroll(agg, fid, 4)
     clients = [c.id for c in agg.list_clients(fid)]  # enrollment order, ties by id
@@ -265,7 +256,7 @@ def test_poisson_cohorts_sample_every_enrolled_client_without_check_ins(
 def test_the_cohort_is_the_documented_poisson_sample(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(sampling_rate=0.4, noise_seed=3), rounds=1)
     enroll(agg, fid, 12)
     clients = [c.id for c in agg.list_clients(fid)]
@@ -290,7 +281,7 @@ def test_an_empty_poisson_cohort_closes_at_once_releasing_noise_only(
         if not sample_cohort_poisson(settings.dp.model_copy(update={"noise_seed": s}), ["a"],
                                      round_number=1)
     )  # fmt: skip
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(sampling_rate=0.05, noise_seed=seed), rounds=1)
     enroll(agg, fid, 1)
     agg.start(fid)
@@ -308,7 +299,7 @@ def test_an_empty_poisson_cohort_closes_at_once_releasing_noise_only(
 def test_dp_round_closes_at_its_deadline_with_fewer_updates_than_min_clients(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    clock = Clock()
+    clock = Clock(start=2_000_000.0)
     agg = make_aggregator(clock)
     fid = create(agg, dp_section(), rounds=1, min_clients=3)
     clients = enroll(agg, fid, 3)
@@ -331,7 +322,7 @@ def train_round_of(agg: Aggregator, fid: str, client: str) -> None:
 def test_a_stopped_round_releases_and_spends_nothing(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(), rounds=2)
     clients = enroll(agg, fid, 3)
     agg.start(fid)
@@ -349,7 +340,7 @@ def test_a_stopped_round_releases_and_spends_nothing(
 def test_adaptive_clip_norm_moves_and_the_next_round_uses_the_stored_one(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     adaptive = dp_section(clipping="adaptive", clip_norm=0.01, count_noise_std=2.0)
     fid = create(agg, adaptive, rounds=2)
     clients = enroll(agg, fid, 3)
@@ -375,7 +366,7 @@ def test_federation_stops_with_budget_exhausted_where_the_accountant_says(
     q, z, delta_, target = 1.0, 2.0, 1e-3, 4.0
     fits = next(k for k in range(1, 100) if library_epsilon(k + 1, q, z, delta_) > target)
     assert fits >= 2
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     dp = dp_section(sampling_rate=q, noise_multiplier=z, delta=delta_, epsilon=target)
     fid = create(agg, dp, rounds=50)
     clients = enroll(agg, fid, 3)
@@ -397,7 +388,7 @@ def test_federation_stops_with_budget_exhausted_where_the_accountant_says(
         agg.start(fid)
     assert agg.stop(fid).status is FederationStatus.BUDGET_EXHAUSTED
 
-    again = make_aggregator(Clock())  # a new process on the same database
+    again = make_aggregator(Clock(start=2_000_000.0))  # a new process on the same database
     if isinstance(again.store, SqlStore):
         assert again.privacy(fid).epsilon_spent == spent
         assert again.get_federation(fid).status is FederationStatus.BUDGET_EXHAUSTED
@@ -460,7 +451,7 @@ def test_noise_multiplier_is_calibrated_once_and_stored(tmp_path: Path) -> None:
 def test_start_checks_the_dp_settings_against_the_enrolled_clients(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:
-    agg = make_aggregator(Clock())
+    agg = make_aggregator(Clock(start=2_000_000.0))
     fid = create(agg, dp_section(delta=0.3))
     with pytest.raises(ConfigError, match="no enrolled clients"):
         agg.start(fid)

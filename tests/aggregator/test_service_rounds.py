@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from settable_clock import Clock
 
 from aggregator import (
     Aggregator,
@@ -34,16 +35,6 @@ from fedcore import (
     WireFormatError,
     wire,
 )
-
-
-class Clock:
-    """A settable clock, so deadlines can pass without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def model() -> ParameterSet:

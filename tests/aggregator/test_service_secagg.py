@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from settable_clock import Clock
 
 from aggregator import (
     Aggregator,
@@ -120,14 +121,6 @@ SECURE = {
     "seed": 3,
     "secagg": {"clip": CLIP, "value_bits": VALUE_BITS, "max_weight": MAX_WEIGHT},
 }
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
