@@ -183,7 +183,9 @@ def _table(reports: tuple[RoundReport, ...]) -> Table:
         table.add_column(column, justify="right")
     for r in reports:
         status = "" if r.status is RoundStatus.CLOSED else f" ({r.status})"
-        cells = [f"{r.round}{status}", str(r.clients), f"{r.train_loss:.4f}",
+        # Secure rounds collect no client metrics: the aggregator sees only sums.
+        loss = f"{r.train_loss:.4f}" if math.isfinite(r.train_loss) else "-"
+        cells = [f"{r.round}{status}", str(r.clients), loss,
                  f"{r.accuracy:.3f}", f"{r.seconds:.3f}"]  # fmt: skip
         table.add_row(*cells, *([f"{r.epsilon:.4f}"] if private else []))
     return table

@@ -267,8 +267,10 @@ def _report(admin: httpx.Client, row: dict[str, Any], evaluator: Evaluator) -> R
 def _line(report: RoundReport) -> str:
     failed = "" if report.status is RoundStatus.CLOSED else "  (failed)"
     epsilon = f"{report.epsilon:>7.3f}" if math.isfinite(report.epsilon) else f"{'-':>7}"
+    # Secure rounds collect no client metrics: the aggregator sees only sums.
+    loss = f"{report.train_loss:>10.4f}" if math.isfinite(report.train_loss) else f"{'-':>10}"
     return (
-        f"{report.round:>5}  {report.clients:>7}  {report.train_loss:>10.4f}  "
+        f"{report.round:>5}  {report.clients:>7}  {loss}  "
         f"{report.accuracy:>8.3f}  {report.seconds:>7.2f}  {epsilon}{failed}"
     )
 
