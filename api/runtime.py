@@ -33,7 +33,8 @@ class Ticker:
 
     Deadlines pass without any request arriving, so something must look at
     the clock. Several workers may tick the same database: transitions take
-    the federation's lock, so each is applied once.
+    the federation's lock, so each is applied once. Before its first tick it
+    collects orphan blobs (`Aggregator.collect_orphans`).
     """
 
     def __init__(self, aggregator: Aggregator, interval_s: float) -> None:
@@ -58,6 +59,12 @@ class Ticker:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        # Blobs a crash left between their fsync and their row's commit: swept
+        # here, once, so that a large database does not hold up start-up.
+        try:
+            self._aggregator.collect_orphans()
+        except (SQLAlchemyError, OSError, FedcoreError):
+            logger.exception("collecting orphan blobs failed; they stay until the next start")
         while not self._stop.wait(self._interval_s):
             try:
                 self._aggregator.tick()
@@ -93,8 +100,6 @@ class Runtime:
         try:
             aggregator = Aggregator(store, FileBlobStore(settings.blob_dir))
             bootstrap_admin(aggregator.access, settings)
-            # A crash between a blob's fsync and its row's commit left it behind.
-            aggregator.collect_orphans()
         except BaseException:
             store.close()
             raise
