@@ -13,10 +13,21 @@ measures, in the same process and on the same inputs in the same order:
   read), so that the fold can be compared with a read that uses the same cores;
 - the fold with `WeightedMean.add_many` (16 updates per call, on all its
   threads), the same on one thread, with one `WeightedMean.add` per update,
-  and `FedAvg.finish`; a fold includes `FedAvg.begin` and the page faults of
-  its new float64 accumulator, whose cost alone is shown as "8P first touch";
+  and `FedAvg.finish`. A fold is timed from `FedAvg.begin` to its last
+  batch; `FedAvg.finish` follows it, as in a server's round, and is timed
+  apart ("finish", after the fresh `add_many` fold). The folds run in two
+  settings:
+  - fresh: no free accumulator, as in the first round of a process; the fold
+    page-faults and first writes a new float64 accumulator, whose cost alone
+    is shown as "8P first touch". These are the columns without "reused", and
+    one `add` per update is measured this way only;
+  - reused: right after a fresh fold of the same configuration, whose
+    `finish` gave its accumulator (8P bytes, written) back to `fedavg`'s pool:
+    the steady state of a server that runs round after round with one model;
 - the peak RSS growth above the inputs: the baseline is the RSS once every input
-  page is mapped and resident, the peak is `ru_maxrss` after the fold;
+  page is mapped and resident, the peak is `ru_maxrss` after the fold; "kept"
+  is the RSS growth once `finish` returned and the next model is dropped, which
+  holds the accumulator kept for the next round (2 in units of 4P);
 - the one-off cost of the compiled loop (`fedcore.kernels`, where numba is
   installed): the time and RSS growth of a first fold of one small update in
   the process, which imports numba and loads the loop. It is paid before the
@@ -186,12 +197,39 @@ def measure_memory(model: ParameterSet, updates: list[ParameterSet], count: int)
     baseline = rss()
     aggregate = fold_many(model, updates, count)
     fold_peak = peak_rss() - baseline
-    FedAvg().finish(model, aggregate)
+    new = FedAvg().finish(model, aggregate)
+    finish_peak = peak_rss() - baseline
+    del new
     return {
         "baseline_rss_bytes": baseline,
         "fold_peak_bytes": fold_peak,
-        "finish_peak_bytes": peak_rss() - baseline,
+        "finish_peak_bytes": finish_peak,
+        "kept_bytes": rss() - baseline,
     }
+
+
+Fold = Callable[[ParameterSet, list[ParameterSet], int], WeightedMean]
+
+
+def round_run(
+    fold: Fold, model: ParameterSet, updates: list[ParameterSet], count: int, *, reused: bool
+) -> Callable[[], dict[str, float]]:
+    """Return a run that times one round's fold, fresh or reused, and its finish."""
+    size = sum(a.size for a in model.values())
+
+    def run() -> dict[str, float]:
+        if reused:
+            # Left there by the fresh round just before (the runs' order).
+            assert fedavg._FREE.sizes() == [size], fedavg._FREE.sizes()
+        else:
+            fedavg._FREE.clear()
+        start = time.perf_counter()
+        aggregate = fold(model, updates, count)
+        folded = time.perf_counter()
+        FedAvg().finish(model, aggregate)
+        return {"fold": folded - start, "finish": time.perf_counter() - folded}
+
+    return run
 
 
 def load_compiled() -> dict[str, Any]:
@@ -211,36 +249,46 @@ def child(size: int, count: int, paths: list[Path], repeat: int) -> dict[str, An
     updates, model = open_inputs(paths, count)
     result["distinct"] = len(updates)
     result |= measure_memory(model, updates, count)
-    aggregate = fold_many(model, updates, count)
     # The fold's thread count is its own choice (the CPUs it may use, capped).
-    threads = len(aggregate._lanes)
+    threads = fedavg._thread_count()
     result["threads"] = threads
     pool = ThreadPoolExecutor(max_workers=threads)
-    runs: dict[str, Callable[[], object]] = {
-        **{f"floor {name}": reader(updates, count, read) for name, read in READS.items()},
+
+    def only(run: Callable[[], object]) -> Callable[[], dict[str, float]]:
+        return lambda: {"": timed(run)}
+
+    # Each "reused" run follows the fresh run of the same fold, whose finish
+    # left the accumulator in the pool.
+    runs: dict[str, Callable[[], dict[str, float]]] = {
+        **{f"floor {name}": only(reader(updates, count, read)) for name, read in READS.items()},
         **{
-            f"floorT {name}": threaded_reader(updates, count, read, pool, threads)
+            f"floorT {name}": only(threaded_reader(updates, count, read, pool, threads))
             for name, read in READS.items()
         },
-        "add_many": lambda: fold_many(model, updates, count),
-        "add_many_1t": lambda: fold_many_one_thread(model, updates, count),
-        "add": lambda: fold_one(model, updates, count),
-        "finish": lambda: FedAvg().finish(model, aggregate),
-        "touch": lambda: np.zeros(size).fill(1.0),
+        "add_many": round_run(fold_many, model, updates, count, reused=False),
+        "add_many_reused": round_run(fold_many, model, updates, count, reused=True),
+        "add_many_1t": round_run(fold_many_one_thread, model, updates, count, reused=False),
+        "add_many_1t_reused": round_run(fold_many_one_thread, model, updates, count, reused=True),
+        "add": round_run(fold_one, model, updates, count, reused=False),
+        "touch": only(lambda: np.zeros(size).fill(1.0)),
     }
-    # Interleaved, so that the floor and the fold see the same background load.
-    best = dict.fromkeys(runs, float("inf"))
+    # Interleaved, so that the floor and the folds see the same background load.
+    best: dict[str, float] = {}
     for _ in range(repeat):
         for name, run in runs.items():
-            best[name] = min(best[name], timed(run))
+            for part, seconds in run().items():
+                key = f"{name} {part}".strip()
+                best[key] = min(best.get(key, float("inf")), seconds)
     pool.shutdown()
     for key, prefix in (("floor", "floor "), ("floorT", "floorT ")):
         floors = {name[len(prefix) :]: t for name, t in best.items() if name.startswith(prefix)}
         result[f"{key}_read"] = min(floors, key=lambda n: floors[n])
         result[f"{key}_s"] = floors[result[f"{key}_read"]]
         result[f"{key}s"] = floors
-    names = ("add_many", "add_many_1t", "add", "finish", "touch")
-    result |= {f"{name}_s": best[name] for name in names}
+    folds = ("add_many", "add_many_reused", "add_many_1t", "add_many_1t_reused", "add")
+    result |= {f"{name}_s": best[f"{name} fold"] for name in folds}
+    # finish after a fresh fold of add_many: the same work after any fold.
+    result |= {"finish_s": best["add_many finish"], "touch_s": best["touch"]}
     return result
 
 
@@ -259,7 +307,12 @@ COLUMNS = [
     "add_many ms (T threads)",
     "/ floor",
     "/ floor T",
+    "add_many ms, reused (T threads)",
+    "/ floor",
+    "/ floor T",
     "add_many ms, 1 thread",
+    "/ floor",
+    "add_many ms, 1 thread, reused",
     "/ floor",
     "add ms",
     "/ floor",
@@ -268,6 +321,7 @@ COLUMNS = [
     "fold peak MB",
     "fold peak / 4P",
     "with finish / 4P",
+    "kept / 4P",
 ]
 
 
@@ -285,8 +339,13 @@ def table_row(r: dict[str, Any]) -> list[str]:
         f"{r['add_many_s'] * 1e3:.1f}",
         f"**{r['add_many_s'] / floor:.2f}x**",
         f"{r['add_many_s'] / floor_t:.2f}x",
+        f"{r['add_many_reused_s'] * 1e3:.1f}",
+        f"**{r['add_many_reused_s'] / floor:.2f}x**",
+        f"{r['add_many_reused_s'] / floor_t:.2f}x",
         f"{r['add_many_1t_s'] * 1e3:.1f}",
         f"{r['add_many_1t_s'] / floor:.2f}x",
+        f"{r['add_many_1t_reused_s'] * 1e3:.1f}",
+        f"{r['add_many_1t_reused_s'] / floor:.2f}x",
         f"{r['add_s'] * 1e3:.1f}",
         f"{r['add_s'] / floor:.2f}x",
         f"{r['finish_s'] * 1e3:.1f}",
@@ -294,6 +353,7 @@ def table_row(r: dict[str, Any]) -> list[str]:
         f"{r['fold_peak_bytes'] / 2**20:.1f}",
         f"{r['fold_peak_bytes'] / model_bytes:.2f}",
         f"{r['finish_peak_bytes'] / model_bytes:.2f}",
+        f"{r['kept_bytes'] / model_bytes:.2f}",
     ]
 
 
@@ -329,8 +389,10 @@ def main() -> None:
     print(f"timings are the best of {args.repeat}.")
     print("/ floor = time / fastest one-thread read of the inputs (target for add_many <= 1.5x);")
     print("/ floor T = time / fastest read of the inputs split over the fold's T threads.")
+    print("fresh: a new accumulator (first round of a process); reused: the accumulator the")
+    print("previous round's finish gave back (a server's steady state).")
     print("peak / 4P: peak RSS growth over the resident inputs in units of the float32 model")
-    print("size (target <= 3, flat in K).")
+    print("size (target <= 3, flat in K); kept / 4P: RSS growth between rounds (accumulator kept).")
     if rows[0]["compiled"]:
         load_s = max(r["compiled_load_s"] for r in rows)
         load_mb = max(r["compiled_load_bytes"] for r in rows) / 2**20

@@ -42,8 +42,24 @@ in turn. A piece is folded by one of two loops:
   0.8x more, which is why the compiled loop exists. numpy releases the GIL
   inside every call that matters here, so its threads share the work too.
 
+The accumulator's memory is kept from one round to the next. A fresh
+float64 block is mapped lazily: its first write page-faults and the kernel
+zeroes every page, which at 10 updates took a third of the fold
+(bench/RESULTS.md). A server folds round after round into a model of the same
+size, so `FedAvg.finish` gives the block back to a small pool once the next
+model is computed, and the next round's `WeightedMean` takes it, written
+pages and all. A reused block holds the last round's sums: every tensor's
+first fold writes its accumulator rather than adding to it, and a tensor
+nothing was folded into reads as zeros. The price is memory between rounds:
+where it used to give the block back to the system, a server now keeps one
+accumulator's worth (8·P bytes for a model of P parameters) for each model
+size it has finished a round of, at most `_FREE_BYTES` in all (see
+`_FreeBlocks`). During a round the block is the aggregate's, as before, so
+the fold's peak does not grow.
+
 `bench/aggregate.py` measures the fold against a one-thread read of the
-inputs and against a read shared by as many threads as the fold uses.
+inputs and against a read shared by as many threads as the fold uses, into a
+fresh accumulator and into one a previous round gave back.
 """
 
 from __future__ import annotations
@@ -105,6 +121,10 @@ _CHUNK = 1 << 16
 # loading it costs about a second once per process (see `fedcore.kernels`),
 # which small models, such as those of most simulations, never pay.
 _COMPILED_MIN = 1 << 16
+# Free accumulator blocks kept between rounds, at most, in bytes in all (see
+# `_FreeBlocks`): 4 GiB holds the accumulator of a model of up to 5e8
+# parameters, or those of several smaller ones.
+_FREE_BYTES = 1 << 32
 # Elements per piece folded by the compiled loop. Each call costs about 3 us
 # (numba's dispatch), under 1% of a piece of 16 updates; smaller pieces
 # share the work more evenly between threads that other processes delay.
@@ -156,28 +176,99 @@ class _Pieces:
             return next(self._items, None)
 
 
+class _FreeBlocks:
+    """Float64 accumulator blocks that finished rounds gave back, for the next rounds to fold into.
+
+    One block per element count, the one given back last, and at most
+    `_FREE_BYTES` in all, the least recently given back dropped first. One
+    per size is what a federation needs: its rounds run one after another,
+    and the next round's aggregate begins from the model that `finish`
+    computed, after the block came back, so a single block serves every
+    round. Keeping more would only help several rounds of the same size in
+    flight at once (federations training the same network), and would hold
+    an idle 8 bytes per parameter for each between rounds; those take a fresh
+    block, as every round did before. The cap bounds what a server that
+    hosted models of many sizes keeps.
+    """
+
+    __slots__ = ("_blocks", "_lock")
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, Array] = {}  # by element count, least recently given first
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> Array | None:
+        """Remove and return a free block of `size` float64 values, or None if none is free."""
+        with self._lock:
+            return self._blocks.pop(size, None)
+
+    def give(self, block: Array) -> None:
+        """Keep `block` for a later `take`; nobody may use it after this call."""
+        with self._lock:
+            self._blocks.pop(block.size, None)
+            if block.nbytes > _FREE_BYTES:
+                return
+            self._blocks[block.size] = block
+            while sum(b.nbytes for b in self._blocks.values()) > _FREE_BYTES:
+                del self._blocks[next(iter(self._blocks))]
+
+    def sizes(self) -> list[int]:
+        """Return the element counts of the free blocks, least recently given back first."""
+        with self._lock:
+            return list(self._blocks)
+
+    def clear(self) -> None:
+        """Drop every free block (their memory goes back to the system)."""
+        with self._lock:
+            self._blocks.clear()
+
+
+_FREE = _FreeBlocks()
+
+
 class WeightedMean:
     """A streaming weighted mean of parameter deltas, accumulated in float64.
 
     Large batches are folded by the calling thread and up to 7 helper threads
     (one per CPU the process may use), which end when the aggregate is
-    collected. One aggregate takes one fold at a time.
+    released or collected. One aggregate takes one fold at a time.
+
+    `FedAvg.finish` releases the aggregate once the next model is computed:
+    its accumulator goes to the next round's aggregate, and any later use of
+    this one raises. An aggregate that is never finished (a failed round) is
+    simply collected.
     """
 
-    __slots__ = ("_acc", "_count", "_fresh", "_lanes", "_pool", "_spec", "_total")
+    __slots__ = (
+        "_acc",
+        "_block",
+        "_count",
+        "_fresh",
+        "_lanes",
+        "_lock",
+        "_pool",
+        "_spec",
+        "_total",
+    )
 
     def __init__(self, spec: Mapping[str, TensorSpec]) -> None:
         self._spec = dict(spec)
-        self._acc = _accumulators(self._spec)
-        # Tensors nothing was folded into: the compiled loop writes their
-        # first batch instead of adding it to zeros, which saves a pass over
-        # the accumulator (at P=1e7 and K=10 the fold took 1.6x a one-thread
-        # read of the inputs instead of 2.1x).
+        self._block: Array | None = _take_block(sum(s.size for s in self._spec.values()))
+        self._acc = _views(self._block, self._spec)
+        # Tensors nothing was folded into. Their accumulators hold whatever
+        # the block held (zeros, or a previous round's sums): the first batch
+        # writes them instead of adding to them, which also saves a pass over
+        # the accumulator (at P=1e7 and K=10 the compiled fold took 1.6x a
+        # one-thread read of the inputs instead of 2.1x), and `mean` reads
+        # them as zeros.
         self._fresh = set(self._acc)
         self._lanes = _lanes(sum(s.size for s in self._spec.values()))
         # Created on the first batch large enough to share; its threads end
-        # when this aggregate is collected.
+        # when this aggregate is released or collected.
         self._pool: ThreadPoolExecutor | None = None
+        # Held by every fold, `mean`, `finish` and `release`: once the block
+        # is given back, nothing of this aggregate can write or read it.
+        self._lock = threading.Lock()
         self._count = 0
         self._total = 0.0
 
@@ -195,8 +286,9 @@ class WeightedMean:
         """Fold `delta` with `weight` into the running sum.
 
         Raises:
-            ValueError: `weight` is negative or not finite, or `delta` does not
-                have the tensors (names and shapes) of the model.
+            ValueError: `weight` is negative or not finite, `delta` does not
+                have the tensors (names and shapes) of the model, or the
+                aggregate was released.
         """
         self.add_many([(delta, weight)])
 
@@ -210,27 +302,59 @@ class WeightedMean:
         Every pair is checked before any is folded: if one is invalid, none is.
 
         Raises:
-            ValueError: a weight is negative or not finite, or a delta does not
-                have the tensors (names and shapes) of the model.
+            ValueError: a weight is negative or not finite, a delta does not
+                have the tensors (names and shapes) of the model, or the
+                aggregate was released.
         """
         batch = [(delta, _checked_weight(weight)) for delta, weight in items]
         for delta, _ in batch:
             self._check_tensors(delta)
         live = [(delta, weight) for delta, weight in batch if weight > 0]
-        for first in range(0, len(live), _MAX_BATCH):
-            self._fold(live[first : first + _MAX_BATCH])
-        for _, weight in batch:
-            self._total += weight
-        self._count += len(batch)
+        with self._lock:
+            acc = self._sums()
+            for first in range(0, len(live), _MAX_BATCH):
+                self._fold(acc, live[first : first + _MAX_BATCH])
+            for _, weight in batch:
+                self._total += weight
+            self._count += len(batch)
 
     def mean(self) -> dict[str, Array]:
-        """Return the weighted mean per tensor as float64 (zeros if no weight)."""
+        """Return the weighted mean per tensor as float64 (zeros if no weight).
+
+        Raises:
+            ValueError: the aggregate was released.
+        """
         # Divide rather than multiply by 1 / total: a subnormal total weight
         # has no finite reciprocal.
         total = self._total if self._total > 0 else 1.0
-        return {
-            name: (acc / total).reshape(self._spec[name].shape) for name, acc in self._acc.items()
-        }
+        with self._lock:
+            return {
+                name: (_folded(acc, name in self._fresh) / total).reshape(self._spec[name].shape)
+                for name, acc in self._sums().items()
+            }
+
+    def release(self) -> None:
+        """Give the accumulator back for a later aggregate to fold into; refuse any use after.
+
+        `FedAvg.finish` calls it. Releasing twice does nothing.
+        """
+        with self._lock:
+            block, self._block, self._acc = self._block, None, {}
+            self._lanes = []
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+        if block is not None:
+            _FREE.give(block)
+
+    def _sums(self) -> dict[str, Array]:
+        """Return the accumulators; call with `_lock` held."""
+        if self._block is None:
+            raise ValueError(
+                "this WeightedMean was released (FedAvg.finish gave its accumulator to the "
+                "next round); begin a new aggregate with FedAvg.begin"
+            )
+        return self._acc
 
     def _check_tensors(self, delta: Mapping[str, Array]) -> None:
         if set(delta) != set(self._spec):
@@ -247,22 +371,21 @@ class WeightedMean:
                     f"expected {spec.shape}; check updates with wire.conform"
                 )
 
-    def _fold(self, group: list[tuple[Mapping[str, Array], float]]) -> None:
+    def _fold(self, sums: dict[str, Array], group: list[tuple[Mapping[str, Array], float]]) -> None:
         weights = [weight for _, weight in group]
         # One step of one tensor per piece: threads that the scheduler delays
         # then take fewer pieces, and taking one costs next to nothing.
         row = self._lanes[0].out.size
         pieces = []
-        for name, acc in self._acc.items():
+        for name, acc in sums.items():
             deltas = [delta[name] for delta, _ in group]
             part = _split(acc, deltas, weights, fresh=name in self._fresh)
-            self._fresh.discard(name)
             step = row if part.flats else _SPAN
             pieces += [
                 _Piece(part, lo, min(lo + step, acc.size)) for lo in range(0, acc.size, step)
             ]
         work = _Pieces(pieces)
-        helpers = self._lanes[1:] if len(group) * _size(self._acc) >= _PARALLEL_MIN else []
+        helpers = self._lanes[1:] if len(group) * _size(sums) >= _PARALLEL_MIN else []
         helpers = helpers[: len(pieces) - 1]
         futures = [self._executor().submit(_drain, work, lane) for lane in helpers]
         try:
@@ -272,6 +395,10 @@ class WeightedMean:
             wait(futures)
         for future in futures:
             future.result()
+        # Only now: a batch that failed before every piece was written leaves
+        # the tensors fresh, so the next batch writes them whole rather than
+        # adding to a previous round's sums.
+        self._fresh.clear()
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -291,17 +418,33 @@ def _size(acc: Mapping[str, Array]) -> int:
     return sum(a.size for a in acc.values())
 
 
-def _accumulators(spec: Mapping[str, TensorSpec]) -> dict[str, Array]:
-    """Return a float64 vector of zeros per tensor, views of one allocation."""
+def _take_block(size: int) -> Array:
+    """Return a float64 block of `size` values to accumulate into: a free one, else a new one.
+
+    A free block holds a previous round's sums, a new one zeros: callers
+    write every value before they read it.
+    """
+    block = _FREE.take(size)
+    if block is not None:
+        return block
     # np.zeros maps the pages lazily: the first batch writes them. One block
     # rather than one per tensor: at P=1e6, faulting in four arrays took
     # 1.6 ms where one took 0.7 (malloc returns smaller blocks to the system
     # and takes them back, page by page, on every round).
-    flat = np.zeros(sum(s.size for s in spec.values()))
+    return np.zeros(size)
+
+
+def _views(block: Array, spec: Mapping[str, TensorSpec]) -> dict[str, Array]:
+    """Return one float64 vector per tensor of `spec`, consecutive views of `block`."""
     ends = np.cumsum([s.size for s in spec.values()]).tolist()
     return {
-        name: flat[end - s.size : end] for (name, s), end in zip(spec.items(), ends, strict=True)
+        name: block[end - s.size : end] for (name, s), end in zip(spec.items(), ends, strict=True)
     }
+
+
+def _folded(acc: Array, fresh: bool) -> Array:
+    """Return `acc`, or zeros like it where nothing was folded into it (`fresh`)."""
+    return np.zeros_like(acc) if fresh else acc
 
 
 def _lanes(size: int) -> list[_Lane]:
@@ -328,7 +471,8 @@ def _thread_count() -> int:
 def _split(acc: Array, deltas: list[Array], weights: list[float], *, fresh: bool) -> _Part:
     """Return one tensor's share of a batch, its inputs split by the loop that folds them.
 
-    `fresh`: nothing was folded into `acc` yet (its pages are not mapped).
+    `fresh`: nothing was folded into `acc` yet: it holds zeros whose pages
+    are not mapped yet, or a previous round's sums.
     """
     compiled = kernels.load() if acc.size >= _COMPILED_MIN else None
     flats, packed, flat_weights, packed_weights = [], [], [], []
@@ -341,8 +485,11 @@ def _split(acc: Array, deltas: list[Array], weights: list[float], *, fresh: bool
             flats.append(flat)
             flat_weights.append(weight)
     if fresh and not packed:
-        # Map the pages here: numpy's threads faulting them in together took
-        # 20 ms for P=1e7, where one thread writing them takes 7.
+        # numpy adds to the accumulator: clear a previous round's sums. On a
+        # new block this maps the pages here: numpy's threads faulting them
+        # in together took 20 ms for P=1e7, where one thread writing them
+        # takes 7. (With `packed`, the compiled loop writes every value of
+        # its range first, and numpy adds after it in the same piece.)
         acc.fill(0.0)
     # A tuple of one length and one element type: numba compiles the loop once.
     padding = [packed[0]] * (_MAX_BATCH - len(packed)) if packed else []
@@ -437,16 +584,31 @@ class FedAvg:
         return WeightedMean(model.spec())
 
     def finish(self, model: ParameterSet, aggregate: WeightedMean) -> ParameterSet:
-        """Return the next model from `model` and the round's folded deltas."""
-        if aggregate.total_weight <= 0:
-            return model.copy()
-        # The accumulators belong to this module; reading them chunk by chunk
-        # avoids materializing the float64 mean next to them.
-        sums = aggregate._acc
-        total, lr = aggregate.total_weight, self.server_lr
-        return ParameterSet(
-            {name: _advance(a, sums[name], total=total, lr=lr) for name, a in model.items()}
-        )
+        """Return the next model from `model` and the round's folded deltas.
+
+        The aggregate is then released: its accumulator's memory goes to the
+        next round's aggregate, and the aggregate cannot be used again.
+
+        Raises:
+            ValueError: the aggregate was already released (finished).
+        """
+        with aggregate._lock:
+            # The accumulators belong to this module; reading them chunk by
+            # chunk avoids materializing the float64 mean next to them.
+            sums = aggregate._sums()
+            total, lr = aggregate.total_weight, self.server_lr
+            if total <= 0:
+                new = model.copy()
+            else:
+                # A positive total took a batch that wrote every accumulator
+                # whole: none holds a previous round's sums.
+                new = ParameterSet(
+                    {name: _advance(a, sums[name], total=total, lr=lr) for name, a in model.items()}
+                )
+        # Only once the next model exists: were `_advance` to fail, the
+        # aggregate would still hold its sums.
+        aggregate.release()
+        return new
 
 
 def _advance(current: Array, sums: Array, *, total: float, lr: float) -> Array:
