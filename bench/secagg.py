@@ -2,7 +2,7 @@
 
 Three parts, printed as tables:
 
-1. Mask expansion: a 256-bit seed to P elements of Z_(2^b) with the ChaCha20
+1. Mask expansion: a 256-bit seed to P elements of Z_(2^b) with the AES-256-CTR
    keystream, alone (`expand_mask`) and added into a vector as a client does
    (`apply_masks`, 16 masks), single-threaded: figures are per core.
 2. Shamir combine for n = 101 holders and threshold t = 50 (a 32-byte secret

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from privacy.secagg import ClientIdentity, ProtocolViolation, RoundKeys, expand_mask
 from privacy.secagg.cipher import decrypt, encrypt
@@ -106,6 +106,8 @@ def test_hkdf_sha256_matches_rfc5869_test_case_1() -> None:
 
 
 def test_chacha20_encryption_matches_rfc8439_section_2_4_2() -> None:
+    # ChaCha20 is still the keystream of the neighbour graph's shuffle and,
+    # inside ChaCha20-Poly1305, of the share encryption.
     nonce = (1).to_bytes(4, "little") + bytes.fromhex("000000000000004a00000000")
     encryptor = Cipher(algorithms.ChaCha20(bytes(range(32)), nonce), mode=None).encryptor()
     assert encryptor.update(SUNSCREEN).hex() == (
@@ -116,15 +118,53 @@ def test_chacha20_encryption_matches_rfc8439_section_2_4_2() -> None:
     )
 
 
-def test_mask_expansion_is_the_chacha20_keystream_of_rfc8439_appendix_a1() -> None:
-    # Test vector #1 of RFC 8439 A.1: all-zero key, nonce and block counter.
-    block = bytes.fromhex(
-        "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
-        "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586"
+def test_aes256_ctr_matches_nist_sp800_38a_appendix_f_5_5() -> None:
+    # CTR-AES256.Encrypt: four blocks from counter f0f1...feff; the second
+    # carries out of the lowest byte (feff + 1 = ff00): the counter is the
+    # whole 128-bit block, incremented as a big-endian integer.
+    key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+    plaintext = bytes.fromhex(
+        "6bc1bee22e409f96e93d7e117393172a"
+        "ae2d8a571e03ac9c9eb76fac45af8e51"
+        "30c81c46a35ce411e5fbc1191a0a52ef"
+        "f69f2445df4f9b17ad2b417be66c3710"
     )
-    words = np.frombuffer(block, dtype="<u4")
-    np.testing.assert_array_equal(expand_mask(bytes(32), 16, 32), words)
-    np.testing.assert_array_equal(expand_mask(bytes(32), 16, 12), words & 0xFFF)
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
+    assert encryptor.update(plaintext).hex() == (
+        "601ec313775789a5b7a7f504bbf3d228"
+        "f443e3ca4d62b59aca84e990cacaf5c5"
+        "2b0930daa23de94ce87017ba2d84988d"
+        "dfc9c58db67aada613c2dd08457941a6"
+    )
+
+
+# AES-256 under the all-zero key of the counter blocks 0, 1 and 2: H, E(K, Y0)
+# and E(K, Y1) of test cases 13 and 14 of the GCM specification (McGrew and
+# Viega, "The Galois/Counter Mode of Operation", 2005, appendix B; the tag of
+# case 13 is E(K, Y0) because GHASH of nothing is zero, and the ciphertext of
+# case 14 is E(K, Y1) because its plaintext is zero).
+ZERO_KEY_BLOCKS = bytes.fromhex(
+    "dc95c078a2408989ad48a21492842087"
+    "530f8afbc74536b9a963b4f1c4cb738b"
+    "cea7403d4d606b6e074ec5d3baf39d18"
+)
+
+
+def test_mask_expansion_is_the_aes256_ctr_keystream_from_counter_zero() -> None:
+    words = np.frombuffer(ZERO_KEY_BLOCKS, dtype="<u4")
+    np.testing.assert_array_equal(expand_mask(bytes(32), 12, 32), words)
+    np.testing.assert_array_equal(expand_mask(bytes(32), 12, 12), words & 0xFFF)
+    np.testing.assert_array_equal(expand_mask(bytes(32), 6, 64), words.view("<u8"))
+
+
+@pytest.mark.parametrize(("offset", "length"), [(4, 8), (8, 4), (1, 11), (6, 5), (11, 1)])
+def test_a_seeked_mask_expansion_continues_the_published_keystream(
+    offset: int, length: int
+) -> None:
+    words = np.frombuffer(ZERO_KEY_BLOCKS, dtype="<u4")
+    expanded = expand_mask(bytes(32), length, 32, offset=offset)
+    np.testing.assert_array_equal(expanded, words[offset : offset + length])
 
 
 def test_share_encryption_matches_rfc8439_section_2_8_2() -> None:
