@@ -69,6 +69,8 @@ _BFLOAT16 = as_dtype("bfloat16")
 _FINITE_CHUNK = 1 << 20
 # Tensor layouts kept (by names, dtypes and shapes): a server sees few models.
 _CACHED_LAYOUTS = 64
+# Headers up to this size are kept parsed (by their bytes), `_CACHED_LAYOUTS` of them.
+_CACHED_HEADER_BYTES = 1 << 14
 # `json.dumps` with separators builds an encoder per call; this one is reused.
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
@@ -310,6 +312,22 @@ def _header_length(prefix: bytes, total: int) -> int:
 
 def _parse_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, str]]:
     """Return the tensor entries, in the sender's order, and the other metadata."""
+    if len(raw) > _CACHED_HEADER_BYTES:
+        return _parse_new_header(raw, data_len)
+    entries, metadata = _parse_cached_header(raw, data_len)
+    return list(entries), dict(metadata)
+
+
+@functools.lru_cache(maxsize=_CACHED_LAYOUTS)
+def _parse_cached_header(raw: bytes, data_len: int) -> tuple[tuple[_Entry, ...], dict[str, str]]:
+    # Headers repeat where one model's tensors travel without per-update
+    # metadata (a simulation's training workers send their deltas so): the
+    # JSON parse and checks are then done once. Callers copy the metadata.
+    entries, metadata = _parse_new_header(raw, data_len)
+    return tuple(entries), metadata
+
+
+def _parse_new_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, str]]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
