@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -71,6 +72,15 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
     ] = 1e-5,
     dp_mode: DpModeOpt = "central",
     secure_aggregation: SecureOpt = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes that train the clients of plain rounds "
+            "[default: one per CPU, at most 8, where processes can be forked].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Simulate a federation of virtual digits clients in-process, without HTTP.
 
@@ -98,6 +108,7 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
         dp_delta=dp_delta,
         dp_mode=dp_mode,
         secure_aggregation=secure_aggregation,
+        workers=workers if workers is not None else _default_workers(),
     )
     problems = config.problems()
     if problems:
@@ -120,6 +131,12 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
     )
     if result.privacy.dp is not None:
         console.print(_privacy_line(result.privacy, result.reports))
+
+
+def _default_workers() -> int:
+    from clients.pool import fork_available
+
+    return min(os.cpu_count() or 1, 8) if fork_available() else 1
 
 
 def demo(

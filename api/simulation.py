@@ -37,6 +37,7 @@ from clients.digits import (
     load_digits_split,
     make_mlp,
 )
+from clients.pool import fork_available
 from fedcore import ParameterSet, TrainConfig, wire
 from privacy.dp import DpConfig, DpMode
 from privacy.secagg import ClientIdentity
@@ -77,6 +78,10 @@ class SimulationConfig:
     multiplier calibrated so that `rounds` rounds of its training fit in its
     own budget (`dp_epsilon`, `dp_delta`, example-level). A round reports
     the largest ε of its clients.
+
+    `workers` > 1 trains the clients of plain rounds in that many forked
+    processes (`clients.Fleet`); with every client in every round the
+    result is bit for bit that of one worker.
     """
 
     clients: int = 100
@@ -93,6 +98,7 @@ class SimulationConfig:
     dp_mode: Literal["central", "distributed", "local"] = "central"
     secure_aggregation: bool = False
     secagg_clip: float = 1.0
+    workers: int = 1
 
     def problems(self) -> list[str]:
         """Return every invalid field, with the fix."""
@@ -118,7 +124,14 @@ class SimulationConfig:
             found.append(f"secagg_clip must be > 0, got {self.secagg_clip}")
         if self.dp_mode == "distributed" and not self.secure_aggregation:
             found.append("dp_mode 'distributed' needs secure_aggregation")
-        return found
+        return found + self._worker_problems()
+
+    def _worker_problems(self) -> list[str]:
+        if self.workers < 1:
+            return [f"workers must be >= 1, got {self.workers}"]
+        if self.workers > 1 and not fork_available():
+            return ["workers > 1 needs the 'fork' start method, which this platform lacks"]
+        return []
 
     def dp_config(self) -> DpConfig | None:
         """Return the federation's DP settings, or None without `dp_epsilon`."""
@@ -226,12 +239,14 @@ def simulate(
         federation_id=federation_id,
         seed=config.seed,
         identities=identities,
+        workers=config.workers,
     )
-    # Every client checks in once before the first round opens, so round 1
-    # samples from the whole fleet rather than from the first to arrive.
-    fleet.step_all()
-    aggregator.start(federation_id)
-    reports = _drive(aggregator, fleet, federation_id, Evaluator(split), on_round)
+    with fleet:
+        # Every client checks in once before the first round opens, so round 1
+        # samples from the whole fleet rather than from the first to arrive.
+        fleet.step_all()
+        aggregator.start(federation_id)
+        reports = _drive(aggregator, fleet, federation_id, Evaluator(split), on_round)
     final = aggregator.get_federation(federation_id).model_version
     return SimulationResult(
         reports=tuple(reports),

@@ -116,8 +116,20 @@ class Client:
         """
         if self._exhausted:
             return TaskAction.FINISHED
+        return self.act(self.check_in())
+
+    def check_in(self) -> Task:
+        """Check in once and return the task, without acting on it (see `act`)."""
         task = self.transport.fetch_task(self.federation_id)
         self._last_task = task
+        return task
+
+    def act(self, task: Task) -> TaskAction:
+        """Act on the task of the latest check-in: train and upload, or answer a secure stage.
+
+        `step` is `act(check_in())`; a simulation that trains elsewhere
+        hands the result to `submit` instead.
+        """
         try:
             if task.action is TaskAction.TRAIN and task.secure:
                 return self._secure_step(task)
@@ -202,8 +214,17 @@ class Client:
         return trained.subtract(params), meta
 
     def _train(self, task: Task) -> RoundResult:
-        number, version = _round_of(task)
         delta, meta = self._fit(task)
+        return self.submit(task, delta, meta)
+
+    def submit(self, task: Task, delta: ParameterSet, meta: UpdateMeta) -> RoundResult:
+        """Upload the delta trained for `task` and record the round's result.
+
+        `act` calls it after training here; a simulation whose clients train
+        in worker processes (`clients.Fleet`) calls it with their results.
+        A round that moved on while the client trained is logged, not raised.
+        """
+        number, version = _round_of(task)
         receipt: Receipt | None
         try:
             receipt = self.transport.submit_update(self.federation_id, number, delta, meta)
@@ -214,13 +235,14 @@ class Client:
             receipt = None
         else:
             logger.info("round %d: uploaded the update of %d examples", number, meta.num_examples)
-        return RoundResult(
+        self._last_result = RoundResult(
             round=number,
             model_version=version,
             num_examples=meta.num_examples,
             metrics=dict(meta.metrics),
             receipt=receipt,
         )
+        return self._last_result
 
     def _fetch_model(self, version: str) -> ParameterSet:
         if self._model is not None and self._model[0] == version:

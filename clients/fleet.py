@@ -4,6 +4,14 @@ The clients run one after another, never at once, so they share one torch
 model object (each loads the round's parameters before it trains) and each
 keeps only its data shard. No threads: a simulation steps the fleet and the
 aggregator in turn, which makes a run deterministic.
+
+With `workers` > 1 the clients still check in and submit one after another
+in the parent, but their training runs in forked worker processes
+(`clients.pool`), one core each. The deltas are submitted in the clients'
+order, so when every client takes part in every round the models are bit
+for bit those of one process; with sampled cohorts the clients check in
+before any of the round's deltas is submitted, which may change which
+clients a later round samples.
 """
 
 from __future__ import annotations
@@ -14,8 +22,17 @@ import numpy as np
 import torch
 
 from clients.client import Client
+from clients.pool import TrainingJob, TrainingPool, fork_available
 from clients.trainer import Device, TensorData, TorchTrainer
-from fedcore import TaskAction, Transport
+from fedcore import (
+    ParameterSet,
+    Task,
+    TaskAction,
+    TrainConfig,
+    Transport,
+    TransportError,
+    wire,
+)
 from privacy.secagg import ClientIdentity
 
 __all__ = ["Fleet"]
@@ -24,8 +41,20 @@ __all__ = ["Fleet"]
 class Fleet:
     """Virtual clients stepped sequentially in a fixed order."""
 
-    def __init__(self, clients: Sequence[Client]) -> None:
+    def __init__(self, clients: Sequence[Client], *, workers: int = 1) -> None:
+        """Step `clients`; with `workers` > 1, train them in that many forked processes.
+
+        Raises:
+            ValueError: `workers` < 1, or > 1 where processes cannot be forked.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if workers > 1 and not fork_available():
+            raise ValueError("workers > 1 needs the 'fork' start method; use workers=1 here")
         self._clients = tuple(clients)
+        self._workers = workers
+        self._pool: TrainingPool | None = None
+        self._models: dict[str, bytes] = {}
 
     @classmethod
     def build(  # noqa: PLR0913 -- keyword-only options of one construction
@@ -37,11 +66,12 @@ class Fleet:
         federation_id: str,
         seed: int = 0,
         identities: Mapping[str, ClientIdentity] | None = None,
+        workers: int = 1,
     ) -> Fleet:
         """Build one client per shard, all training the one `model`.
 
         Training runs on the device `model` is on: move it first, e.g.
-        `model.to("cuda")`.
+        `model.to("cuda")`. Worker processes train on the CPU only.
 
         Args:
             model: the network every client trains in turn.
@@ -53,8 +83,18 @@ class Fleet:
                 and the client's position.
             identities: client id → its identity registered at enrollment,
                 for federations with secure aggregation.
+            workers: processes that train (see the module docstring); close
+                the fleet to stop them.
+
+        Raises:
+            ValueError: the model is on another device than the CPU or CUDA,
+                or `workers` > 1 with the model on CUDA (a forked process
+                cannot use its parent's CUDA context) or where processes
+                cannot be forked.
         """
         device = _device_of(model)
+        if workers > 1 and device != "cpu":
+            raise ValueError("workers > 1 trains on the CPU; move the model there or use 1 worker")
         clients = [
             Client(
                 connect(client_id),
@@ -64,12 +104,29 @@ class Fleet:
             )
             for index, (client_id, data) in enumerate(shards.items())
         ]
-        return cls(clients)
+        return cls(clients, workers=workers)
 
     @property
     def clients(self) -> tuple[Client, ...]:
         """The clients, in stepping order."""
         return self._clients
+
+    @property
+    def workers(self) -> int:
+        """The number of processes that train (1: this one)."""
+        return self._workers
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     @property
     def finished(self) -> bool:
@@ -90,17 +147,73 @@ class Fleet:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         try:
-            return sum(
-                1
-                for client in self._clients
-                if not _is_finished(client) and client.step() is TaskAction.TRAIN
-            )
+            if self._workers == 1:
+                return sum(
+                    1
+                    for client in self._clients
+                    if not _is_finished(client) and client.step() is TaskAction.TRAIN
+                )
+            return self._step_parallel()
         finally:
             torch.set_num_threads(previous)
+
+    def _step_parallel(self) -> int:
+        """Check every client in; train the plain tasks in the workers; submit in order."""
+        trained = 0
+        jobs: list[TrainingJob] = []
+        tasks: dict[int, Task] = {}
+        for index, client in enumerate(self._clients):
+            if _is_finished(client):
+                continue
+            task = client.check_in()
+            if _for_workers(task):
+                tasks[index] = task
+                jobs.append(_job(index, task))
+            elif client.act(task) is TaskAction.TRAIN:
+                trained += 1
+        if not jobs:
+            return trained
+        if self._pool is None:
+            # Forked now, not at construction: the workers must inherit the
+            # trainers with their data, and a fleet that never trains in
+            # parallel (secure rounds) never forks.
+            self._pool = TrainingPool([c.trainer for c in self._clients], self._workers)
+        for job, delta, meta in self._pool.train(jobs, self._model_bytes):
+            self._clients[job.client].submit(tasks[job.client], delta, meta)
+            trained += 1
+        return trained
+
+    def _model_bytes(self, version: str) -> bytes:
+        """The safetensors bytes of a model version, fetched once through a client."""
+        data = self._models.get(version)
+        if data is None:
+            client = self._clients[0]
+            params: ParameterSet = client.transport.fetch_model(client.federation_id, version)
+            data = wire.encode(params)
+            self._models = {version: data}  # only the current round's model is needed
+        return data
 
 
 def _is_finished(client: Client) -> bool:
     return client.finished
+
+
+def _for_workers(task: Task) -> bool:
+    """Whether a task's training can run in a worker: plain rounds without DP-SGD.
+
+    Secure rounds keep their keys in the parent's client, and DP-SGD its
+    accountant in the parent's trainer (whose budget check stops the
+    client), so both train in the parent.
+    """
+    if task.action is not TaskAction.TRAIN or task.secure:
+        return False
+    return task.train is None or task.train.dpsgd is None
+
+
+def _job(index: int, task: Task) -> TrainingJob:
+    if task.round is None or task.model_version is None:
+        raise TransportError("the aggregator sent a train task without round or model version")
+    return TrainingJob(index, task.round, task.model_version, task.train or TrainConfig())
 
 
 def _device_of(model: torch.nn.Module) -> Device:
