@@ -21,8 +21,9 @@ calls with Python between them, so threads would queue for the GIL. Why
 a process that holds CUDA state breaks the child, so the pool is for CPU
 training only, on platforms that have `fork`.
 
-Messages are length-framed bytes (`Connection.send_bytes`): a JSON header,
-then safetensors bytes for models and deltas, never pickle.
+Messages are frames of bytes (`Connection.send_bytes`): a JSON header, then
+safetensors bytes for models and deltas, never pickle. A worker gets a
+round's jobs in one frame and answers each job in one frame.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import signal
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -43,10 +44,6 @@ from fedcore import ParameterSet, TrainConfig, UpdateMeta, wire
 
 __all__ = ["TrainingJob", "TrainingPool", "fork_available"]
 
-# Jobs in flight per worker: one training, one queued behind it, so a worker
-# never waits for the parent to submit the previous delta before starting
-# the next client.
-_IN_FLIGHT = 32
 _JOIN_TIMEOUT_S = 5.0
 
 
@@ -132,6 +129,10 @@ class TrainingPool:
     ) -> Iterator[tuple[TrainingJob, ParameterSet, UpdateMeta]]:
         """Train every job; yield each with its delta and metadata, in the order of `jobs`.
 
+        Each worker gets its share of the jobs in one message and answers
+        each job as soon as it is trained, so the workers train while the
+        caller submits what they sent before.
+
         Args:
             jobs: the clients to train, each pinned to worker `client % workers`.
             model: returns the safetensors bytes of a model version.
@@ -142,93 +143,75 @@ class TrainingPool:
         """
         if not self._conns:
             raise RuntimeError("the training pool is closed")
-        queues: list[deque[int]] = [deque() for _ in self._conns]
-        for position, job in enumerate(jobs):
-            queues[job.client % len(self._conns)].append(position)
-        in_flight = [0] * len(self._conns)
-        done: dict[int, tuple[ParameterSet, UpdateMeta]] = {}
+        shares: list[list[TrainingJob]] = [[] for _ in self._conns]
+        for job in jobs:
+            shares[job.client % len(self._conns)].append(job)
+        owed = [0] * len(self._conns)
         try:
-            for worker in range(len(self._conns)):
-                for _ in range(_IN_FLIGHT):
-                    self._send_next(worker, queues, in_flight, jobs, model)
-            for position, job in enumerate(jobs):
-                while position not in done:
-                    self._collect(queues, in_flight, done, jobs, model)
-                delta, meta = done.pop(position)
+            for worker, share in enumerate(shares):
+                if share:
+                    self._send(worker, share, model)
+                    owed[worker] = len(share)
+            for job in jobs:
+                worker = job.client % len(self._conns)
+                owed[worker] -= 1
+                delta, meta = self._receive(worker, job)
                 yield job, delta, meta
         finally:
             # Stopped early (the caller raised, or a worker failed): take the
             # replies still owed, so the next round starts from a clean pipe.
-            for worker, count in enumerate(in_flight):
+            for worker, count in enumerate(owed):
                 for _ in range(count):
                     try:
-                        self._receive(worker, jobs)
-                    except (RuntimeError, OSError):
+                        self._conns[worker].recv_bytes()
+                    except (EOFError, OSError):
                         break
 
-    def _collect(
-        self,
-        queues: list[deque[int]],
-        in_flight: list[int],
-        done: dict[int, tuple[ParameterSet, UpdateMeta]],
-        jobs: Sequence[TrainingJob],
-        model: Callable[[str], bytes],
-    ) -> None:
-        """Wait for replies; store them in `done` and send each replying worker its next job."""
-        busy = [conn for conn, count in zip(self._conns, in_flight, strict=True) if count]
-        for conn in wait(busy):
-            worker = self._conns.index(conn)  # type: ignore[arg-type]
-            in_flight[worker] -= 1
-            position, result = self._receive(worker, jobs)
-            done[position] = result
-            self._send_next(worker, queues, in_flight, jobs, model)
-
-    def _send_next(
-        self,
-        worker: int,
-        queues: list[deque[int]],
-        in_flight: list[int],
-        jobs: Sequence[TrainingJob],
-        model: Callable[[str], bytes],
-    ) -> None:
-        if queues[worker]:
-            self._send(worker, queues[worker].popleft(), jobs, model)
-            in_flight[worker] += 1
-
-    def _send(
-        self, worker: int, position: int, jobs: Sequence[TrainingJob], model: Callable[[str], bytes]
-    ) -> None:
-        job = jobs[position]
+    def _send(self, worker: int, share: list[TrainingJob], model: Callable[[str], bytes]) -> None:
+        version = share[0].model_version
+        if any(job.model_version != version for job in share):
+            raise ValueError("the jobs of one call must train one model version")
         header: dict[str, Any] = {
-            "position": position,
-            "client": job.client,
-            "round": job.round,
-            "config": job.config.model_dump_json(),
+            "jobs": [[job.client, job.round, job.config.model_dump_json()] for job in share]
         }
-        fresh = self._versions[worker] != job.model_version
-        if fresh:
-            header["model"] = job.model_version
-        conn = self._conns[worker]
-        conn.send_bytes(json.dumps(header).encode())
-        if fresh:
-            conn.send_bytes(model(job.model_version))
-            self._versions[worker] = job.model_version
+        payload = b""
+        if self._versions[worker] != version:
+            header["model"] = version
+            payload = model(version)
+            self._versions[worker] = version
+        self._conns[worker].send_bytes(_frame(_JOBS, header, payload))
 
-    def _receive(
-        self, worker: int, jobs: Sequence[TrainingJob]
-    ) -> tuple[int, tuple[ParameterSet, UpdateMeta]]:
-        conn = self._conns[worker]
+    def _receive(self, worker: int, job: TrainingJob) -> tuple[ParameterSet, UpdateMeta]:
         try:
-            header = json.loads(conn.recv_bytes())
-            if "error" in header:
-                client = jobs[header["position"]].client
-                error = header["error"]
-                raise RuntimeError(f"client {client}: training failed in a worker: {error}")
-            delta, _ = wire.decode(conn.recv_bytes())
+            kind, header, payload = _unframe(self._conns[worker].recv_bytes())
         except (EOFError, OSError) as exc:
             code = self._procs[worker].exitcode
             raise RuntimeError(f"training worker {worker} died (exit code {code})") from exc
-        return header["position"], (delta, UpdateMeta.model_validate_json(header["meta"]))
+        if kind == _FAILED:
+            error = header["error"]
+            raise RuntimeError(f"client {job.client}: training failed in a worker: {error}")
+        delta, _ = wire.decode(payload)
+        return delta, UpdateMeta.model_validate(header)
+
+
+# Message kinds. A message is one frame: its kind (1 byte), the length of
+# its JSON header (4 bytes, little-endian), the header, then raw bytes (a
+# model or a delta in safetensors), so that each job and each reply costs
+# one write and one read.
+_JOBS, _TRAINED, _FAILED = b"J", b"T", b"F"
+_PREFIX = struct.Struct("<cI")
+
+
+def _frame(kind: bytes, header: Mapping[str, Any], payload: bytes = b"") -> bytes:
+    head = json.dumps(header).encode()
+    return b"".join([_PREFIX.pack(kind, len(head)), head, payload])
+
+
+def _unframe(frame: bytes) -> tuple[bytes, dict[str, Any], memoryview]:
+    kind, length = _PREFIX.unpack_from(frame)
+    end = _PREFIX.size + length
+    header: dict[str, Any] = json.loads(frame[_PREFIX.size : end])
+    return kind, header, memoryview(frame)[end:]
 
 
 def _serve(conn: Connection, inherited: Sequence[Connection], trainers: Sequence[Trainer]) -> None:
@@ -240,25 +223,31 @@ def _serve(conn: Connection, inherited: Sequence[Connection], trainers: Sequence
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     params: ParameterSet | None = None
+    configs: dict[str, TrainConfig] = {}
     while True:
         try:
-            header = json.loads(conn.recv_bytes())
-            if "model" in header:
-                params, _ = wire.decode(conn.recv_bytes())
+            _, header, payload = _unframe(conn.recv_bytes())
         except (EOFError, OSError):
             break
-        try:
-            if params is None:
-                raise RuntimeError("no model was sent before the first job")
-            config = TrainConfig.model_validate_json(header["config"])
-            trainer = trainers[header["client"]]
-            trained, meta = trainer.fit(params, config, round_number=header["round"])
-            reply = {"position": header["position"], "meta": meta.model_dump_json()}
-            delta = wire.encode(trained.subtract(params))
-        except Exception as exc:  # noqa: BLE001 -- reported to the parent, which raises it
-            failure = {"position": header["position"], "error": repr(exc)}
-            conn.send_bytes(json.dumps(failure).encode())
-            continue
-        conn.send_bytes(json.dumps(reply).encode())
-        conn.send_bytes(delta)
+        if "model" in header:
+            params, _ = wire.decode(payload)
+        for client, round_number, config_json in header["jobs"]:
+            config = configs.get(config_json)
+            if config is None:
+                config = configs[config_json] = TrainConfig.model_validate_json(config_json)
+            conn.send_bytes(_train_one(trainers[client], params, config, round_number))
     conn.close()
+
+
+def _train_one(
+    trainer: Trainer, params: ParameterSet | None, config: TrainConfig, round_number: int
+) -> bytes:
+    """Train one job; return the reply frame (the delta and its metadata, or the error)."""
+    try:
+        if params is None:
+            raise RuntimeError("no model was sent before the first job")
+        trained, meta = trainer.fit(params, config, round_number=round_number)
+        delta = wire.encode(trained.subtract(params))
+    except Exception as exc:  # noqa: BLE001 -- reported to the parent, which raises it
+        return _frame(_FAILED, {"error": repr(exc)})
+    return _frame(_TRAINED, meta.model_dump(), delta)
