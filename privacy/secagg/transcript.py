@@ -16,8 +16,10 @@ import struct
 __all__ = ["PROTOCOL", "commit", "extend", "frame", "prefix"]
 
 # Versioned so that a later, incompatible protocol can never accept (or be
-# tricked into producing) a signature or key of this one.
-PROTOCOL = "fedcore/secagg+/v1"
+# tricked into producing) a signature or key of this one. v2: masks expand
+# from AES-256-CTR; v1 expanded them from ChaCha20, so a v1 client and a v2
+# server would agree on every message and still compute a wrong sum.
+PROTOCOL = "fedcore/secagg+/v2"
 
 Field = bytes | str | int
 

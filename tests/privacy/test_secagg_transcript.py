@@ -91,7 +91,7 @@ def test_a_share_context_is_pinned_byte_for_byte() -> None:
     # The associated data of every share ciphertext: a change here breaks
     # every client of an older version, so it is pinned, not recomputed.
     expected = (
-        b"s\x00\x00\x00\x12fedcore/secagg+/v1"
+        b"s\x00\x00\x00\x12fedcore/secagg+/v2"
         b"s\x00\x00\x00\x10share-ciphertext"
         b"s\x00\x00\x00\x03fed"
         b"i\x00\x00\x00\x017"
