@@ -52,7 +52,7 @@ class Access:
 
     def has_admin_tokens(self) -> bool:
         """Whether any admin token was ever issued."""
-        with self._store.transaction() as tx:
+        with self._store.read() as tx:
             return tx.count_admin_tokens() > 0
 
     def revoke_admin_token(self, token: str) -> None:
@@ -70,7 +70,7 @@ class Access:
         kind = _kind_of(token)
         if kind is not TokenKind.ADMIN:
             raise Forbidden("this route needs an admin token; client tokens cannot use it")
-        with self._store.transaction() as tx:
+        with self._store.read() as tx:
             record = tx.get_admin_token(hash_token(str(token)))
         if record is None or record.revoked:
             raise AuthError("unknown or revoked admin token")
@@ -86,7 +86,7 @@ class Access:
         kind = _kind_of(token)
         if kind is not TokenKind.CLIENT:
             raise Forbidden("this route needs a client token from /v1/enroll")
-        with self._store.transaction() as tx:
+        with self._store.read() as tx:
             record = tx.find_client_by_token(hash_token(str(token)))
         if record is None or record.revoked:
             raise AuthError("unknown or revoked client token")

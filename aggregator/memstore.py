@@ -79,14 +79,17 @@ class _Tables:
 class MemoryTransaction:
     """A `Transaction` on the dictionaries of a `MemoryStore`, with an undo log."""
 
-    __slots__ = ("_t", "_undo")
+    __slots__ = ("_t", "_undo", "read_only")
 
     def __init__(self, tables: _Tables) -> None:
         self._t = tables
         self._undo: list[tuple[dict[Any, Any], Any, Any]] = []
+        # Set by `MemoryStore.read`: writes and locks raise, as on SQLite.
+        self.read_only = False
 
     def lock_federation(self, federation_id: str) -> FederationRecord | None:
         """Return the federation: the store's lock is already held."""
+        self._check_writable()
         return self._t.federations.get(federation_id)
 
     def add_federation(self, record: FederationRecord) -> None:
@@ -309,11 +312,17 @@ class MemoryTransaction:
                 table[key] = old
         self._undo.clear()
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError("a read transaction (Store.read) cannot write or lock")
+
     def _set(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        self._check_writable()
         self._undo.append((table, key, table.get(key, _MISSING)))
         table[key] = value
 
     def _pop(self, table: dict[Any, Any], key: Any) -> None:
+        self._check_writable()
         self._undo.append((table, key, table.pop(key)))
 
 
@@ -345,6 +354,17 @@ class MemoryStore:
                 raise
             finally:
                 self._open = False
+
+    @contextmanager
+    def read(self) -> Iterator[MemoryTransaction]:
+        """Open a transaction that only reads; a write or `lock_federation` in it raises.
+
+        Raises:
+            RuntimeError: This thread already has a transaction open.
+        """
+        with self.transaction() as transaction:
+            transaction.read_only = True
+            yield transaction
 
     def close(self) -> None:
         """Do nothing: there are no connections to release."""

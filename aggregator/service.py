@@ -139,12 +139,12 @@ class Aggregator:
         Raises:
             NotFound: no federation has this id.
         """
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             return federation_of(tx, federation_id)
 
     def list_federations(self) -> Sequence[FederationRecord]:
         """Return every federation, oldest first."""
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             return tx.list_federations()
 
     def config(self, federation_id: str) -> FederationSettings:
@@ -203,7 +203,7 @@ class Aggregator:
 
     def list_rounds(self, federation_id: str) -> Sequence[RoundRecord]:
         """Return a federation's rounds in order."""
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             federation_of(tx, federation_id)
             return tx.list_rounds(federation_id)
 
@@ -213,7 +213,7 @@ class Aggregator:
         Raises:
             NotFound: unknown federation or round.
         """
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             federation_of(tx, federation_id)
             rnd = tx.get_round(federation_id, number)
         if rnd is None:
@@ -226,20 +226,20 @@ class Aggregator:
         Raises:
             NotFound: unknown federation.
         """
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             fed = federation_of(tx, federation_id)
             rounds = tx.list_rounds(federation_id)
         return privacy_report(fed, self._engine.config_of(fed).dp, rounds)
 
     def list_clients(self, federation_id: str) -> Sequence[ClientRecord]:
         """Return a federation's enrolled clients."""
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             federation_of(tx, federation_id)
             return tx.list_clients(federation_id)
 
     def list_models(self, federation_id: str) -> Sequence[ModelRecord]:
         """Return a federation's model versions, oldest first."""
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             federation_of(tx, federation_id)
             return tx.list_models(federation_id)
 
@@ -268,12 +268,14 @@ class Aggregator:
             NotFound: unknown federation.
         """
         now = self._clock()
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             client = client_of(tx, client_id, federation_id)
             fed = federation_of(tx, federation_id)
-            if client.last_seen < now - _TOUCH_EVERY_S:
-                tx.update_client(client_id, last_seen=now)
             rnd = current_round(tx, fed)
+        if client.last_seen < now - _TOUCH_EVERY_S:
+            # Written at most every `_TOUCH_EVERY_S`: most check-ins only read.
+            with self.store.transaction() as tx:
+                tx.update_client(client_id, last_seen=now)
         if rnd is not None and rnd.status is RoundStatus.SELECTING:
             self._engine.note_present(fed.id, rnd.number, client_id)
         if self._engine.due(fed, rnd, now):
@@ -427,7 +429,7 @@ class Aggregator:
         now = self._clock()
         for fed in self.list_federations():
             if fed.status is FederationStatus.RUNNING:
-                with self.store.transaction() as tx:
+                with self.store.read() as tx:
                     rnd = current_round(tx, fed)
                 if self._engine.due(fed, rnd, now, deadlines_only=True):
                     self._transition(fed.id, now)
@@ -447,7 +449,7 @@ class Aggregator:
         if not candidates:
             return []
         referenced: set[str] = set()
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             for fed in tx.list_federations():
                 referenced.update(m.version for m in tx.list_models(fed.id))
                 for rnd in tx.list_rounds(fed.id):
@@ -469,7 +471,7 @@ class Aggregator:
     def _check_upload(
         self, client_id: str, federation_id: str, number: int
     ) -> tuple[UpdateRecord | None, RoundRecord]:
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             client_of(tx, client_id, federation_id)
             fed = federation_of(tx, federation_id)
             rnd = tx.get_round(federation_id, number)
@@ -595,7 +597,7 @@ class Aggregator:
         return task
 
     def _model_record(self, federation_id: str, version: str) -> ModelRecord:
-        with self.store.transaction() as tx:
+        with self.store.read() as tx:
             federation_of(tx, federation_id)
             record = tx.get_model(federation_id, version)
         if record is None:

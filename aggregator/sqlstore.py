@@ -6,10 +6,12 @@ so several API workers may share one database:
 
 - SQLite runs in WAL mode with `synchronous=FULL`, so a transaction whose
   commit returned is on disk (https://www.sqlite.org/pragma.html#pragma_synchronous),
-  and every transaction starts with `BEGIN IMMEDIATE`, which takes the write
-  lock up front: two processes never interleave, and a reader that later
-  writes cannot deadlock on the lock upgrade. `busy_timeout` makes the
-  second one wait instead of failing.
+  and every write transaction starts with `BEGIN IMMEDIATE`, which takes
+  the write lock up front: two processes never interleave, and a reader that
+  later writes cannot deadlock on the lock upgrade. `busy_timeout` makes the
+  second one wait instead of failing. Read transactions (`SqlStore.read`)
+  begin deferred with `PRAGMA query_only` on: in WAL mode they wait for no
+  writer, and cannot write.
 - PostgreSQL keeps its durable default (`synchronous_commit=on`), and
   `lock_federation` takes the federation's row lock (`SELECT ... FOR UPDATE`).
 
@@ -20,10 +22,12 @@ production schema.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -70,6 +74,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Key of the PostgreSQL advisory lock that serializes concurrent migrations
 # (workers starting together); any constant unique to this application.
 MIGRATION_LOCK_KEY = 0x66656463  # "fedc"
+# The execution option that marks the engine of `SqlStore.read`'s sessions,
+# and the connection info key that remembers its `query_only` setting.
+_READ_ONLY = "fedcore_read_only"
 
 # Fields that identify a row, or the federation it belongs to: `update_*`
 # refuses to change them.
@@ -96,11 +103,20 @@ class SqlTransaction:
     `sqlalchemy.exc.IntegrityError` from the call that caused it.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, *, read_only: bool = False) -> None:
         self._session = session
+        self._read_only = read_only
 
     def lock_federation(self, federation_id: str) -> FederationRecord | None:
-        """Lock the federation row until the transaction ends, and return it."""
+        """Lock the federation row until the transaction ends, and return it.
+
+        Raises:
+            RuntimeError: this is a read transaction (`SqlStore.read`).
+        """
+        if self._read_only:
+            # PostgreSQL refuses FOR UPDATE in a read-only transaction, but
+            # SQLite has no row locks to refuse: refuse on both alike.
+            raise RuntimeError("a read transaction (Store.read) cannot write or lock")
         statement = (
             select(FederationRow)
             .where(FederationRow.id == federation_id)
@@ -322,6 +338,17 @@ class SqlStore:
     def __init__(self, url: str) -> None:
         self._engine = _create_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        reads = self._engine.execution_options(**{_READ_ONLY: True})
+        self._reads = sessionmaker(reads, expire_on_commit=False)
+        # SQLite has one writer at a time. Threads of this process queue for
+        # it here and get it the moment it is free; queued on SQLite's busy
+        # handler instead they sleep in steps of up to 100 ms. (Other
+        # processes still wait on the busy handler.) Reentrant, so that a
+        # nested transaction fails on SQLite's lock as before, not here.
+        sqlite = self._engine.dialect.name == "sqlite"
+        self._writer: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if sqlite else contextlib.nullcontext()
+        )
 
     @classmethod
     def open(cls, url: str) -> SqlStore:
@@ -342,8 +369,19 @@ class SqlStore:
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
         """Open a transaction that commits on normal exit and rolls back on error."""
-        with self._sessions.begin() as session:
+        with self._writer, self._sessions.begin() as session:
             yield SqlTransaction(session)
+
+    @contextmanager
+    def read(self) -> Iterator[SqlTransaction]:
+        """Open a transaction that only reads; see `Store.read`.
+
+        On SQLite it begins deferred and sees the last commit (WAL readers
+        wait for no writer) with `PRAGMA query_only` on; on PostgreSQL it
+        is `READ ONLY`. A write raises the database's error.
+        """
+        with self._reads.begin() as session:
+            yield SqlTransaction(session, read_only=True)
 
     def migrate(self) -> None:
         """Apply the Alembic migrations up to the newest revision.
@@ -382,10 +420,12 @@ def _create_engine(url: str) -> Engine:
     serializer = functools.partial(json.dumps, allow_nan=False)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, json_serializer=serializer, pool_pre_ping=True)
+        engine = create_engine(parsed, json_serializer=serializer, pool_pre_ping=True)
+        event.listen(engine, "begin", _begin_server)
+        return engine
     engine = create_engine(parsed, json_serializer=serializer)
     event.listen(engine, "connect", _configure_sqlite)
-    event.listen(engine, "begin", _begin_immediate)
+    event.listen(engine, "begin", _begin_sqlite)
     return engine
 
 
@@ -419,5 +459,19 @@ def _enable_wal(cursor: Any) -> None:
             return
 
 
-def _begin_immediate(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+def _begin_sqlite(connection: Connection) -> None:
+    # A writer takes the write lock up front (see the module docstring); a
+    # reader takes none, and `query_only` makes any write in it fail rather
+    # than upgrade to a lock it never waited for. The pragma is a connection
+    # setting: it is changed only when the kind of transaction changes.
+    # (Set before BEGIN: with `query_only` on, even BEGIN IMMEDIATE fails.)
+    read_only = bool(connection.get_execution_options().get(_READ_ONLY))
+    if connection.info.get(_READ_ONLY, False) != read_only:
+        connection.exec_driver_sql(f"PRAGMA query_only = {int(read_only)}")
+        connection.info[_READ_ONLY] = read_only
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _begin_server(connection: Connection) -> None:
+    if connection.get_execution_options().get(_READ_ONLY):
+        connection.exec_driver_sql("SET TRANSACTION READ ONLY")

@@ -173,6 +173,16 @@ class Store(Protocol):
         """Open a transaction that commits on normal exit and rolls back on error."""
         ...
 
+    def read(self) -> AbstractContextManager[Transaction]:
+        """Open a transaction that only reads (a write or a row lock in it raises).
+
+        It waits for no writer where the database lets readers run beside
+        one (SQLite in WAL mode, PostgreSQL), so requests that only look
+        records up (authentication, round and model lookups) do not queue
+        behind a round's close.
+        """
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...

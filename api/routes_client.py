@@ -123,7 +123,7 @@ def _prepare(runtime: Runtime, client_id: str, fid: str, n: int) -> tuple[int, b
     """
     aggregator = runtime.aggregator
     limit = min(aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
-    with aggregator.store.transaction() as tx:
+    with aggregator.store.read() as tx:
         repeat = tx.get_update(fid, n, client_id) is not None
     return limit, repeat
 

@@ -25,7 +25,7 @@ async def healthz() -> HealthOut:
 def readyz(runtime: RuntimeDep) -> HealthOut:
     """Answer once the database is reachable and deadlines are being applied."""
     try:
-        with runtime.store.transaction() as tx:
+        with runtime.store.read() as tx:
             tx.count_admin_tokens()
     except SQLAlchemyError:
         raise HTTPException(503, "the database is unreachable") from None

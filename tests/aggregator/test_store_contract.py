@@ -780,3 +780,57 @@ def test_sql_stores_check_counts_are_not_negative(database_url: str) -> None:
     with pytest.raises(IntegrityError), store.transaction() as tx:
         tx.add_update(negative)
     store.close()
+
+
+# --- read transactions --------------------------------------------------------
+
+
+def test_a_read_transaction_sees_commits_and_refuses_writes_and_locks(store: AnyStore) -> None:
+    seed(store, clients=1)
+    with store.read() as tx:
+        assert tx.get_federation("f1") == federation()
+        assert [c.id for c in tx.list_clients("f1")] == ["c0"]
+    with pytest.raises(Exception, match="read"), store.read() as tx:
+        tx.add_client(client("c1"))
+    with pytest.raises(RuntimeError, match="cannot write or lock"), store.read() as tx:
+        tx.lock_federation("f1")
+    # Nothing of the refused write is left, and writes work again afterwards.
+    with store.transaction() as tx:
+        assert tx.get_client("c1") is None
+        tx.add_client(client("c2"))
+    with store.read() as tx:
+        assert [c.id for c in tx.list_clients("f1")] == ["c0", "c2"]
+
+
+def test_a_read_transaction_does_not_wait_for_an_open_writer(store: AnyStore) -> None:
+    if isinstance(store, MemoryStore):
+        pytest.skip("the in-memory store runs one transaction at a time by design")
+    seed(store)
+    writing, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.transaction() as tx:
+            tx.lock_federation("f1")
+            tx.add_client(client("c9"))
+            writing.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert writing.wait(10)
+        started = time.monotonic()
+        with store.read() as tx:
+            seen = tx.get_federation("f1")
+            uncommitted = tx.get_client("c9")
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        thread.join()
+    assert seen == federation()
+    assert uncommitted is None
+    # The writer holds its lock for up to 10 s: a reader that queued behind
+    # it would have waited that long.
+    assert waited < 2.0
+    with store.read() as tx:
+        assert tx.get_client("c9") is not None
