@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -77,7 +78,7 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
         typer.Option(
             min=1,
             help="Processes that train the clients of plain rounds "
-            "[default: one per CPU, at most 8, where processes can be forked].",
+            "[default: one per CPU, at most 8, on Linux; else 1].",
             show_default=False,
         ),
     ] = None,
@@ -134,9 +135,13 @@ def simulate_command(  # noqa: PLR0913, PLR0917 -- one parameter per command-lin
 
 
 def _default_workers() -> int:
+    # Linux only by default: macOS has fork, but forking a process that has
+    # loaded its system frameworks is unsafe there (ask for --workers to try).
     from clients.pool import fork_available
 
-    return min(os.cpu_count() or 1, 8) if fork_available() else 1
+    if not sys.platform.startswith("linux") or not fork_available():
+        return 1
+    return min(os.cpu_count() or 1, 8)
 
 
 def demo(
