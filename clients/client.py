@@ -134,7 +134,7 @@ class Client:
             if task.action is TaskAction.TRAIN and task.secure:
                 return self._secure_step(task)
             if task.action is TaskAction.TRAIN:
-                self._last_result = self._train(task)
+                self.submit(task, *self._fit(task))
         except BudgetExhausted as exc:
             logger.warning("federation %s: client stops: %s", self.federation_id, exc)
             self._exhausted = True
@@ -212,10 +212,6 @@ class Client:
         params = self._fetch_model(version)
         trained, meta = self.trainer.fit(params, task.train or TrainConfig(), round_number=number)
         return trained.subtract(params), meta
-
-    def _train(self, task: Task) -> RoundResult:
-        delta, meta = self._fit(task)
-        return self.submit(task, delta, meta)
 
     def submit(self, task: Task, delta: ParameterSet, meta: UpdateMeta) -> RoundResult:
         """Upload the delta trained for `task` and record the round's result.

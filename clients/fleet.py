@@ -54,7 +54,8 @@ class Fleet:
         self._clients = tuple(clients)
         self._workers = workers
         self._pool: TrainingPool | None = None
-        self._models: dict[str, bytes] = {}
+        # The current round's model as sent to the workers: (version, bytes).
+        self._model: tuple[str, bytes] | None = None
 
     @classmethod
     def build(  # noqa: PLR0913 -- keyword-only options of one construction
@@ -110,11 +111,6 @@ class Fleet:
     def clients(self) -> tuple[Client, ...]:
         """The clients, in stepping order."""
         return self._clients
-
-    @property
-    def workers(self) -> int:
-        """The number of processes that train (1: this one)."""
-        return self._workers
 
     def __enter__(self) -> Fleet:
         return self
@@ -185,13 +181,11 @@ class Fleet:
 
     def _model_bytes(self, version: str) -> bytes:
         """The safetensors bytes of a model version, fetched once through a client."""
-        data = self._models.get(version)
-        if data is None:
+        if self._model is None or self._model[0] != version:
             client = self._clients[0]
             params: ParameterSet = client.transport.fetch_model(client.federation_id, version)
-            data = wire.encode(params)
-            self._models = {version: data}  # only the current round's model is needed
-        return data
+            self._model = (version, wire.encode(params))
+        return self._model[1]
 
 
 def _is_finished(client: Client) -> bool:

@@ -102,11 +102,6 @@ class TrainingPool:
         # The model version each worker holds, so each gets a model once.
         self._versions: list[str | None] = [None] * workers
 
-    @property
-    def workers(self) -> int:
-        """The number of worker processes."""
-        return len(self._conns)
-
     def __enter__(self) -> TrainingPool:
         return self
 
