@@ -39,7 +39,7 @@ class StagedBlob(Protocol):
         """Number of bytes written so far."""
         ...
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         """Append `chunk`, raising `PayloadTooLarge` past the size limit."""
         ...
 
@@ -115,7 +115,7 @@ class _FileStaged:
     def size(self) -> int:
         return self._size
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self._size += len(chunk)
         if self._size > self._limit:
             self.discard()
@@ -242,7 +242,7 @@ class _MemoryStaged:
     def size(self) -> int:
         return self._buf.tell()
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         if self._buf.tell() + len(chunk) > self._limit:
             raise PayloadTooLarge(f"upload exceeds the limit of {self._limit} bytes")
         self._hash.update(chunk)

@@ -47,6 +47,18 @@ class InProcessTransport:
             self.client_id, federation_id, round_number, staged, (views, metadata)
         )
 
+    def submit_encoded(
+        self, federation_id: str, round_number: int, data: bytes | memoryview
+    ) -> Receipt:
+        """Submit an update already in the wire format, as the HTTP route does.
+
+        The service hashes, parses and validates the bytes, stores and folds
+        them; the caller's buffer is copied, not kept.
+        """
+        staged = self._aggregator.blobs.stage(len(data))
+        staged.write(data)
+        return self._aggregator.submit_update(self.client_id, federation_id, round_number, staged)
+
     def fetch_secagg(self, federation_id: str, round_number: int, stage: str) -> bytes | None:
         """Return the server message that opens `stage` for this client, or None (not yet)."""
         return self._aggregator.fetch_secagg(self.client_id, federation_id, round_number, stage)

@@ -11,12 +11,14 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from clients.secagg import Progress, SecureParticipant
 from clients.trainer import Trainer
 from fedcore import (
     BudgetExhausted,
     ConfigError,
+    EncodedUpload,
     ParameterSet,
     Receipt,
     RoundStateError,
@@ -27,6 +29,7 @@ from fedcore import (
     TransportError,
     UpdateConflict,
     UpdateMeta,
+    wire,
 )
 from privacy.secagg import ClientIdentity
 
@@ -84,6 +87,8 @@ class Client:
         self._last_result: RoundResult | None = None
         self._stop = threading.Event()
         self._exhausted = False
+        # The transport last asked whether it takes encoded updates, and its answer.
+        self._takes_encoded: tuple[Transport | None, bool] = (None, False)
 
     @property
     def last_task(self) -> Task | None:
@@ -220,10 +225,38 @@ class Client:
         in worker processes (`clients.Fleet`) calls it with their results.
         A round that moved on while the client trained is logged, not raised.
         """
+        number = _round_of(task)[0]
+        transport = self.transport
+        return self._submitted(
+            task, meta, lambda: transport.submit_update(self.federation_id, number, delta, meta)
+        )
+
+    def submit_encoded(self, task: Task, data: bytes | memoryview, meta: UpdateMeta) -> RoundResult:
+        """Like `submit`, for an update already in the wire format (`meta` is in its metadata).
+
+        A transport that takes encoded updates (`fedcore.EncodedUpload`)
+        gets the bytes as they are; another gets them decoded.
+        """
+        number = _round_of(task)[0]
+        transport = self.transport
+        if self._takes_encoded[0] is not transport:
+            # A check against a runtime protocol costs microseconds: once per transport.
+            self._takes_encoded = (transport, isinstance(transport, EncodedUpload))
+        if self._takes_encoded[1]:
+            encoded = cast(EncodedUpload, transport)
+            return self._submitted(
+                task, meta, lambda: encoded.submit_encoded(self.federation_id, number, data)
+            )
+        return self.submit(task, wire.decode(data)[0], meta)
+
+    def _submitted(
+        self, task: Task, meta: UpdateMeta, upload: Callable[[], Receipt]
+    ) -> RoundResult:
+        """Run `upload` for `task` and record the round's result."""
         number, version = _round_of(task)
         receipt: Receipt | None
         try:
-            receipt = self.transport.submit_update(self.federation_id, number, delta, meta)
+            receipt = upload()
         except (RoundStateError, UpdateConflict) as exc:
             # A straggler: the round moved on while this client trained. The
             # next check-in brings the next round, so this is not fatal.

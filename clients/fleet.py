@@ -174,8 +174,8 @@ class Fleet:
             # trainers with their data, and a fleet that never trains in
             # parallel (secure rounds) never forks.
             self._pool = TrainingPool([c.trainer for c in self._clients], self._workers)
-        for job, delta, meta in self._pool.train(jobs, self._model_bytes):
-            self._clients[job.client].submit(tasks[job.client], delta, meta)
+        for job, update, meta in self._pool.train(jobs, self._model_bytes):
+            self._clients[job.client].submit_encoded(tasks[job.client], update, meta)
             trained += 1
         return trained
 

@@ -213,10 +213,16 @@ class HttpTransport:
     ) -> Receipt:
         """Upload `delta` (safetensors, `meta` in its metadata) and return the receipt."""
         body = wire.encode(delta, {UPDATE_META_KEY: meta.model_dump_json()})
+        return self.submit_encoded(federation_id, round_number, body)
+
+    def submit_encoded(
+        self, federation_id: str, round_number: int, data: bytes | memoryview
+    ) -> Receipt:
+        """Upload an update already in the wire format and return the receipt."""
         response = self._call(
             "PUT",
             f"/v1/federations/{_segment(federation_id)}/rounds/{int(round_number)}/update",
-            content=body,
+            content=bytes(data) if isinstance(data, memoryview) else data,
             headers={"Content-Type": wire.MEDIA_TYPE},
         )
         return _parse(Receipt, response)

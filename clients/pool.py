@@ -22,16 +22,24 @@ a process that holds CUDA state breaks the child, so the pool is for CPU
 training only, on platforms that have `fork`.
 
 Messages are frames of bytes (`Connection.send_bytes`): a JSON header, then
-safetensors bytes for models and deltas, never pickle. A worker gets a
-round's jobs in one frame and answers each job in one frame.
+safetensors bytes for models and updates, never pickle. A worker gets a
+round's jobs in one frame. It answers each job with the update as a client
+would upload it (the delta in safetensors, its `UpdateMeta` in the
+metadata), so the parent hands those bytes to the aggregator as they are,
+and it sends its answers in batches, so that the parent, which has the
+aggregator's work to do, is woken for every few updates rather than for
+each. The parent reads every worker's answers as they come (up to a bound
+on what it holds), so a worker that is ahead does not wait for it.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import select
 import signal
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -40,11 +48,19 @@ from typing import Any
 import torch
 
 from clients.trainer import Trainer
-from fedcore import ParameterSet, TrainConfig, UpdateMeta, wire
+from fedcore import UPDATE_META_KEY, ParameterSet, TrainConfig, UpdateMeta, wire
 
 __all__ = ["TrainingJob", "TrainingPool", "fork_available"]
 
 _JOIN_TIMEOUT_S = 5.0
+# A worker's batch of answers: the first batch of a round holds one update,
+# so the parent can start submitting at once; each next batch doubles, up
+# to this many updates or these many bytes.
+_BATCH_UPDATES = 16
+_BATCH_BYTES = 1 << 17
+# The parent reads ahead from the workers until it holds this many bytes of
+# answers it cannot submit yet; past that a worker that is ahead waits.
+_READ_AHEAD_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +117,14 @@ class TrainingPool:
             self._procs.append(proc)
         # The model version each worker holds, so each gets a model once.
         self._versions: list[str | None] = [None] * workers
+        # Answers read ahead, per worker, in the order the worker sent them.
+        self._inbox: list[deque[memoryview]] = [deque() for _ in range(workers)]
+        self._held = 0
+        self._poller = select.poll()
+        self._workers_by_fd: dict[int, int] = {}
+        for index, conn in enumerate(self._conns):
+            self._poller.register(conn.fileno(), select.POLLIN)
+            self._workers_by_fd[conn.fileno()] = index
 
     def __enter__(self) -> TrainingPool:
         return self
@@ -111,6 +135,7 @@ class TrainingPool:
     def close(self) -> None:
         """Stop the workers (they finish the job in hand); safe to call twice."""
         for conn in self._conns:
+            self._poller.unregister(conn.fileno())
             conn.close()
         for proc in self._procs:
             proc.join(_JOIN_TIMEOUT_S)
@@ -121,12 +146,16 @@ class TrainingPool:
 
     def train(
         self, jobs: Sequence[TrainingJob], model: Callable[[str], bytes]
-    ) -> Iterator[tuple[TrainingJob, ParameterSet, UpdateMeta]]:
-        """Train every job; yield each with its delta and metadata, in the order of `jobs`.
+    ) -> Iterator[tuple[TrainingJob, memoryview, UpdateMeta]]:
+        """Train every job; yield each with its update and metadata, in the order of `jobs`.
+
+        The update is the client's upload: the delta in the safetensors wire
+        format, with the metadata under `fedcore.UPDATE_META_KEY`, as a
+        read-only view.
 
         Each worker gets its share of the jobs in one message and answers
-        each job as soon as it is trained, so the workers train while the
-        caller submits what they sent before.
+        as it trains, so the workers train while the caller submits what
+        they sent before.
 
         Args:
             jobs: the clients to train, each pinned to worker `client % workers`.
@@ -150,17 +179,13 @@ class TrainingPool:
             for job in jobs:
                 worker = job.client % len(self._conns)
                 owed[worker] -= 1
-                delta, meta = self._receive(worker, job)
-                yield job, delta, meta
+                update, meta = self._receive(worker, job)
+                yield job, update, meta
         finally:
             # Stopped early (the caller raised, or a worker failed): take the
-            # replies still owed, so the next round starts from a clean pipe.
+            # answers still owed, so the next round starts from a clean pipe.
             for worker, count in enumerate(owed):
-                for _ in range(count):
-                    try:
-                        self._conns[worker].recv_bytes()
-                    except (EOFError, OSError):
-                        break
+                self._discard(worker, count)
 
     def _send(self, worker: int, share: list[TrainingJob], model: Callable[[str], bytes]) -> None:
         version = share[0].model_version
@@ -176,17 +201,63 @@ class TrainingPool:
             self._versions[worker] = version
         self._conns[worker].send_bytes(_frame(_JOBS, header, payload))
 
-    def _receive(self, worker: int, job: TrainingJob) -> tuple[ParameterSet, UpdateMeta]:
-        try:
-            kind, header, payload = _unframe(self._conns[worker].recv_bytes())
-        except (EOFError, OSError) as exc:
-            code = self._procs[worker].exitcode
-            raise RuntimeError(f"training worker {worker} died (exit code {code})") from exc
+    def _receive(self, worker: int, job: TrainingJob) -> tuple[memoryview, UpdateMeta]:
+        inbox = self._inbox[worker]
+        self._read_ahead(worker if not inbox else None)
+        frame = inbox.popleft()
+        self._held -= len(frame)
+        kind, header, payload = _unframe(frame)
         if kind == _FAILED:
             error = header["error"]
             raise RuntimeError(f"client {job.client}: training failed in a worker: {error}")
-        delta, _ = wire.decode(payload)
-        return delta, UpdateMeta.model_validate(header)
+        return payload, UpdateMeta.model_validate(header)
+
+    def _read_ahead(self, needed: int | None) -> None:
+        """Take the batches the workers have sent; with `needed`, wait until that worker's comes.
+
+        Past `_READ_AHEAD_BYTES` held, only the workers with nothing held
+        are read, so the parent holds at most that plus one batch per worker.
+        """
+        while True:
+            # One poll(2) call: cheaper than `multiprocessing.connection.wait`,
+            # which builds a selector each time, at one call per update.
+            for fd, _ in self._poller.poll(None if needed is not None else 0):
+                worker = self._workers_by_fd[fd]
+                if not self._inbox[worker] or self._held < _READ_AHEAD_BYTES:
+                    self._take(worker)
+            if needed is None or self._inbox[needed]:
+                return
+            if self._held >= _READ_AHEAD_BYTES:
+                # Only workers over the bound may be ready: wait for the one needed.
+                self._take(needed)
+                return
+
+    def _take(self, worker: int) -> None:
+        """Read one batch of `worker` (waiting for it) into its inbox.
+
+        Raises:
+            RuntimeError: the worker died.
+        """
+        try:
+            message = self._conns[worker].recv_bytes()
+        except (EOFError, OSError) as exc:
+            code = self._procs[worker].exitcode
+            raise RuntimeError(f"training worker {worker} died (exit code {code})") from exc
+        for frame in _split(message):
+            self._inbox[worker].append(frame)
+            self._held += len(frame)
+
+    def _discard(self, worker: int, count: int) -> None:
+        """Drop the next `count` answers of `worker` (read or still to come)."""
+        inbox = self._inbox[worker]
+        try:
+            for _ in range(count):
+                if not inbox:
+                    self._take(worker)
+                self._held -= len(inbox.popleft())
+        except RuntimeError:
+            self._held -= sum(len(frame) for frame in inbox)
+            inbox.clear()
 
 
 # Message kinds. A message is one frame: its kind (1 byte), the length of
@@ -197,16 +268,35 @@ _JOBS, _TRAINED, _FAILED = b"J", b"T", b"F"
 _PREFIX = struct.Struct("<cI")
 
 
+# A worker's batch of answers is one message: each frame preceded by its
+# length (4 bytes, little-endian).
+_LENGTH = struct.Struct("<I")
+
+
 def _frame(kind: bytes, header: Mapping[str, Any], payload: bytes = b"") -> bytes:
     head = json.dumps(header).encode()
     return b"".join([_PREFIX.pack(kind, len(head)), head, payload])
 
 
-def _unframe(frame: bytes) -> tuple[bytes, dict[str, Any], memoryview]:
+def _unframe(frame: bytes | memoryview) -> tuple[bytes, dict[str, Any], memoryview]:
     kind, length = _PREFIX.unpack_from(frame)
     end = _PREFIX.size + length
-    header: dict[str, Any] = json.loads(frame[_PREFIX.size : end])
-    return kind, header, memoryview(frame)[end:]
+    view = memoryview(frame)
+    header: dict[str, Any] = json.loads(bytes(view[_PREFIX.size : end]))
+    return kind, header, view[end:]
+
+
+def _batch(frames: Sequence[bytes]) -> bytes:
+    return b"".join(part for frame in frames for part in (_LENGTH.pack(len(frame)), frame))
+
+
+def _split(message: bytes) -> Iterator[memoryview]:
+    view, at = memoryview(message), 0
+    while at < len(view):
+        (length,) = _LENGTH.unpack_from(view, at)
+        at += _LENGTH.size
+        yield view[at : at + length]
+        at += length
 
 
 def _serve(conn: Connection, inherited: Sequence[Connection], trainers: Sequence[Trainer]) -> None:
@@ -226,23 +316,30 @@ def _serve(conn: Connection, inherited: Sequence[Connection], trainers: Sequence
             break
         if "model" in header:
             params, _ = wire.decode(payload)
-        for client, round_number, config_json in header["jobs"]:
+        batch: list[bytes] = []
+        size, limit = 0, 1
+        jobs = header["jobs"]
+        for index, (client, round_number, config_json) in enumerate(jobs):
             config = configs.get(config_json)
             if config is None:
                 config = configs[config_json] = TrainConfig.model_validate_json(config_json)
-            conn.send_bytes(_train_one(trainers[client], params, config, round_number))
+            batch.append(_train_one(trainers[client], params, config, round_number))
+            size += len(batch[-1])
+            if len(batch) >= limit or size >= _BATCH_BYTES or index == len(jobs) - 1:
+                conn.send_bytes(_batch(batch))
+                batch, size, limit = [], 0, min(2 * limit, _BATCH_UPDATES)
     conn.close()
 
 
 def _train_one(
     trainer: Trainer, params: ParameterSet | None, config: TrainConfig, round_number: int
 ) -> bytes:
-    """Train one job; return the reply frame (the delta and its metadata, or the error)."""
+    """Train one job; return the answer frame (the update and its metadata, or the error)."""
     try:
         if params is None:
             raise RuntimeError("no model was sent before the first job")
         trained, meta = trainer.fit(params, config, round_number=round_number)
-        delta = wire.encode(trained.subtract(params))
+        update = wire.encode(trained.subtract(params), {UPDATE_META_KEY: meta.model_dump_json()})
     except Exception as exc:  # noqa: BLE001 -- reported to the parent, which raises it
         return _frame(_FAILED, {"error": repr(exc)})
-    return _frame(_TRAINED, meta.model_dump(), delta)
+    return _frame(_TRAINED, meta.model_dump(), update)

@@ -40,7 +40,7 @@ from fedcore.messages import (
 )
 from fedcore.parameters import Array, ParameterSet, TensorSpec, as_dtype
 from fedcore.strategy import Aggregate, Strategy
-from fedcore.transport import Transport
+from fedcore.transport import EncodedUpload, Transport
 
 __all__ = [
     "UPDATE_META_KEY",
@@ -51,6 +51,7 @@ __all__ = [
     "ConfigError",
     "DistributedNoise",
     "DpSgdSettings",
+    "EncodedUpload",
     "Enrollment",
     "FedAvg",
     "FedcoreError",

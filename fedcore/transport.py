@@ -9,12 +9,12 @@ encoded messages of `privacy.secagg` as opaque bytes.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from fedcore.messages import Receipt, Task, UpdateMeta
 from fedcore.parameters import ParameterSet
 
-__all__ = ["Transport"]
+__all__ = ["EncodedUpload", "Transport"]
 
 
 class Transport(Protocol):
@@ -45,4 +45,26 @@ class Transport(Protocol):
 
     def send_secagg(self, federation_id: str, round_number: int, stage: str, data: bytes) -> None:
         """Send this client's message for `stage` of a secure round (durable on return)."""
+        ...
+
+
+@runtime_checkable
+class EncodedUpload(Protocol):
+    """A transport that also takes an update already in the wire format.
+
+    Both of fedcore's transports offer it: a caller that holds the bytes (a
+    simulation's training worker encodes the update as a client would
+    upload it) submits them as they are instead of decoding and encoding
+    them again.
+    """
+
+    def submit_encoded(
+        self, federation_id: str, round_number: int, data: bytes | memoryview
+    ) -> Receipt:
+        """Upload an update in the wire format and return the durable receipt.
+
+        `data` is what `submit_update` would send: the delta in safetensors
+        (`fedcore.wire`), its `UpdateMeta` as JSON under `UPDATE_META_KEY`
+        in the metadata.
+        """
         ...

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -312,6 +313,10 @@ def _header_length(prefix: bytes, total: int) -> int:
 
 def _parse_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, str]]:
     """Return the tensor entries, in the sender's order, and the other metadata."""
+    if raw.startswith(_METADATA_FIRST):
+        parsed = _parse_metadata_first(raw, data_len)
+        if parsed is not None:
+            return parsed
     if len(raw) > _CACHED_HEADER_BYTES:
         return _parse_new_header(raw, data_len)
     entries, metadata = _parse_cached_header(raw, data_len)
@@ -321,10 +326,65 @@ def _parse_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, st
 @functools.lru_cache(maxsize=_CACHED_LAYOUTS)
 def _parse_cached_header(raw: bytes, data_len: int) -> tuple[tuple[_Entry, ...], dict[str, str]]:
     # Headers repeat where one model's tensors travel without per-update
-    # metadata (a simulation's training workers send their deltas so): the
-    # JSON parse and checks are then done once. Callers copy the metadata.
+    # metadata: the JSON parse and checks are then done once. Callers copy
+    # the metadata.
     entries, metadata = _parse_new_header(raw, data_len)
     return tuple(entries), metadata
+
+
+# The header of every update this module writes starts so: the metadata
+# first, then the tensor entries.
+_METADATA_FIRST = b'{"__metadata__":'
+_DECODER = json.JSONDecoder()
+_JSON_SPACE = re.compile(r"[ \t\n\r]+")
+
+
+def _skip_space(text: str, at: int) -> int:
+    """Return the index of the first character at or after `at` that is not JSON whitespace."""
+    space = _JSON_SPACE.match(text, at)
+    return at if space is None else space.end()
+
+
+def _parse_metadata_first(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, str]] | None:
+    """Parse a header that starts with its metadata; None: parse it whole instead.
+
+    Updates of one model differ in their metadata only (each carries its
+    own `UpdateMeta`), so the metadata object is decoded alone and the
+    tensor entries after it, the same for every update of the model, are
+    parsed and checked once (`_parse_cached_entries`). Anything unusual
+    (invalid UTF-8 or JSON, entries too long to cache) goes to the full
+    parse, which gives the error.
+    """
+    try:
+        text = raw.decode()
+        found, end = _DECODER.raw_decode(text, _skip_space(text, len(_METADATA_FIRST)))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    # Without the padding at the end, which varies with the metadata's length.
+    rest = text[_skip_space(text, end) :].rstrip(" \t\n\r")
+    if len(rest) > _CACHED_HEADER_BYTES or not rest.startswith((",", "}")):
+        return None
+    metadata = _check_metadata(found)
+    order = metadata.pop(_ORDER_KEY, None)
+    # `{` followed by what came after the metadata: `,"name":{...},...}` or `}`.
+    entries_json = "{" + (rest[1:] if rest.startswith(",") else rest)
+    entries = _parse_cached_entries(entries_json, order, data_len)
+    return list(entries), metadata
+
+
+@functools.lru_cache(maxsize=_CACHED_LAYOUTS)
+def _parse_cached_entries(
+    entries_json: str, order: str | None, data_len: int
+) -> tuple[_Entry, ...]:
+    try:
+        header = json.loads(entries_json)
+    except json.JSONDecodeError as exc:
+        raise WireFormatError(f"safetensors header is not valid JSON: {exc}") from exc
+    if "__metadata__" in header:
+        raise WireFormatError("safetensors header has two __metadata__ entries")
+    entries = {name: _check_entry(name, entry) for name, entry in header.items()}
+    _check_layout(list(entries.values()), data_len)
+    return tuple(entries[name] for name in _names_order(order, list(entries)))
 
 
 def _parse_new_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, str]]:

@@ -334,14 +334,19 @@ def test_in_process_upload_stores_and_acknowledges_what_the_wire_upload_does(
     data = wire.encode(delta, {UPDATE_META_KEY: meta.model_dump_json()})
     in_process = InProcessTransport(agg, clients[0]).submit_update(fid, 1, delta, meta)
     direct = upload_directly(agg, fid, clients[1], delta, meta)
-    assert in_process.sha256 == direct.sha256 == hashlib.sha256(data).hexdigest()
-    assert in_process.model_dump(exclude={"client_id"}) == direct.model_dump(exclude={"client_id"})
+    # Already encoded (as a simulation's training worker sends it), from a view.
+    encoded = InProcessTransport(agg, clients[2]).submit_encoded(fid, 1, memoryview(data))
+    assert in_process.sha256 == direct.sha256 == encoded.sha256 == hashlib.sha256(data).hexdigest()
+    for other in (direct, encoded):
+        assert in_process.model_dump(exclude={"client_id"}) == other.model_dump(
+            exclude={"client_id"}
+        )
     with agg.blobs.open(in_process.sha256) as fh:
         assert fh.read() == data
     with agg.store.transaction() as tx:
         rows = {u.client_id: u for u in tx.list_updates(fid, 1)}
-    assert rows[clients[0]].metrics == rows[clients[1]].metrics == {"train_loss": 0.25}
-    assert rows[clients[0]].num_examples == rows[clients[1]].num_examples == 6
+    assert [rows[c].metrics for c in clients[:3]] == [{"train_loss": 0.25}] * 3
+    assert [rows[c].num_examples for c in clients[:3]] == [6] * 3
 
 
 def bad_delta(kind: str) -> ParameterSet:
@@ -380,6 +385,8 @@ def test_in_process_uploads_are_refused_like_wire_uploads_and_leave_nothing(
     with pytest.raises(error):
         upload_directly(agg, fid, clients[1], bad_delta(kind), meta)
     data = wire.encode(bad_delta(kind), {UPDATE_META_KEY: meta.model_dump_json()})
+    with pytest.raises(error):
+        InProcessTransport(agg, clients[2]).submit_encoded(fid, 1, data)
     assert not agg.blobs.exists(hashlib.sha256(data).hexdigest())
     with agg.store.transaction() as tx:
         assert tx.count_updates(fid, 1) == 0

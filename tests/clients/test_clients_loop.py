@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from clients import Client, Fleet, RoundResult, TorchTrainer, digits, to_parameters
+from clients.pool import fork_available
 from fedcore import (
+    EncodedUpload,
     FedAvg,
     ParameterSet,
     Receipt,
@@ -136,14 +138,16 @@ def initial() -> ParameterSet:
 
 
 def build_fleet(
-    split: digits.DigitsSplit, partition: str, rounds: int
+    split: digits.DigitsSplit, partition: str, rounds: int, *, workers: int = 1
 ) -> tuple[Fleet, LocalFederation, torch.nn.Module]:
     parts = digits.load_partition(PARTITIONS / partition)
     shards = {f"client-{i:03d}": data for i, data in enumerate(digits.client_data(split, parts))}
     federation = LocalFederation(initial(), clients=len(shards), rounds=rounds)
     model = digits.make_mlp()
     return (
-        Fleet.build(model, shards, federation.connect, federation_id="fed", seed=0),
+        Fleet.build(
+            model, shards, federation.connect, federation_id="fed", seed=0, workers=workers
+        ),
         federation,
         model,
     )
@@ -190,6 +194,24 @@ def test_fleet_runs_are_reproducible(split: digits.DigitsSplit) -> None:
         finals.append(federation.models[-1])
     assert all(np.array_equal(finals[0][n], finals[1][n]) for n in finals[0])
     assert not np.array_equal(finals[0]["0.weight"], initial()["0.weight"])
+
+
+@pytest.mark.skipif(not fork_available(), reason="needs the 'fork' start method")
+def test_fleet_workers_hand_decoded_updates_to_a_transport_without_encoded_uploads(
+    split: digits.DigitsSplit,
+) -> None:
+    # `Link` has no `submit_encoded`: the workers' encoded updates are decoded
+    # for its `submit_update`, and the models are those of one process.
+    finals = []
+    for workers in (1, 2):
+        fleet, federation, _ = build_fleet(
+            split, "digits-dirichlet-a0.5-n20-s0.json", rounds=2, workers=workers
+        )
+        assert not isinstance(fleet.clients[0].transport, EncodedUpload)
+        with fleet:
+            run_to_end(fleet)
+        finals.append(federation.models[-1])
+    assert all(np.array_equal(finals[0][n], finals[1][n]) for n in finals[0])
 
 
 def test_fleet_clients_share_one_model_and_step_in_order(split: digits.DigitsSplit) -> None:

@@ -10,8 +10,9 @@ import pytest
 from aggregator import RoundStatus
 from api.simulation import SimulationConfig, simulate
 from clients import Fleet, digits
+from clients import pool as pool_module
 from clients.pool import TrainingJob, TrainingPool, fork_available
-from fedcore import ParameterSet, TrainConfig, UpdateMeta, wire
+from fedcore import UPDATE_META_KEY, ParameterSet, TrainConfig, UpdateMeta, wire
 
 pytestmark = pytest.mark.skipif(not fork_available(), reason="needs the 'fork' start method")
 
@@ -53,10 +54,13 @@ def test_results_come_back_in_job_order_from_pinned_workers() -> None:
         second = list(pool.train(_jobs(range(6, -1, -1), round_number=2, version="v2"), _model))
     assert [job.client for job, _, _ in first] == list(range(7))
     assert [job.client for job, _, _ in second] == list(range(6, -1, -1))
-    for job, delta, meta in first + second:
+    for job, update, meta in first + second:
+        delta, metadata = wire.decode(update)
         np.testing.assert_array_equal(delta["w"], np.full((2, 3), job.client, np.float32))
         assert meta.num_examples == job.client
         assert meta.metrics["round"] == job.round
+        # The update is the client's upload: the metadata travels inside it.
+        assert UpdateMeta.model_validate_json(metadata[UPDATE_META_KEY]) == meta
     pids = {job.client: meta.metrics["pid"] for job, _, meta in first}
     # Each client trains in the same worker every round; three workers in all.
     assert {job.client: meta.metrics["pid"] for job, _, meta in second} == pids
@@ -64,13 +68,35 @@ def test_results_come_back_in_job_order_from_pinned_workers() -> None:
     assert os.getpid() not in pids.values()
 
 
-def test_a_failing_trainer_raises_with_its_client_and_the_pool_goes_on() -> None:
-    trainers = [_Trainer(i, fail=i == 2) for i in range(4)]
+@pytest.mark.parametrize("read_ahead", [pool_module._READ_AHEAD_BYTES, 1])
+def test_batched_answers_come_back_in_order_with_and_without_reading_ahead(
+    monkeypatch: pytest.MonkeyPatch, read_ahead: int
+) -> None:
+    # 60 jobs: each worker answers in batches of 1, 2, 4, ... 16 updates. A
+    # bound of 1 byte makes the parent read a worker only when it has
+    # nothing held from it.
+    monkeypatch.setattr(pool_module, "_READ_AHEAD_BYTES", read_ahead)
+    trainers = [_Trainer(i) for i in range(60)]
     with TrainingPool(trainers, workers=2) as pool:
-        with pytest.raises(RuntimeError, match=r"client 2: .*ArithmeticError.*cannot train"):
-            list(pool.train(_jobs(range(4)), _model))
-        # The replies still owed were drained: the next call starts clean.
+        for round_number in (1, 2):
+            order = list(range(60)) if round_number == 1 else list(range(59, -1, -1))
+            results = list(pool.train(_jobs(order, round_number, f"v{round_number}"), _model))
+            assert [job.client for job, _, _ in results] == order
+            for job, update, meta in results:
+                delta, _ = wire.decode(update)
+                np.testing.assert_array_equal(delta["w"], np.full((2, 3), job.client, np.float32))
+                assert (meta.num_examples, meta.metrics["round"]) == (job.client, round_number)
+            assert pool._held == 0
+
+
+def test_a_failing_trainer_raises_with_its_client_and_the_pool_goes_on() -> None:
+    trainers = [_Trainer(i, fail=i == 9) for i in range(40)]
+    with TrainingPool(trainers, workers=2) as pool:
+        with pytest.raises(RuntimeError, match=r"client 9: .*ArithmeticError.*cannot train"):
+            list(pool.train(_jobs(range(40)), _model))
+        # The answers still owed were drained: the next call starts clean.
         results = list(pool.train(_jobs(range(2)), _model))
+        assert pool._held == 0
     assert [meta.num_examples for _, _, meta in results] == [0, 1]
 
 

@@ -293,6 +293,8 @@ def f32(offsets: list[int], shape: Any = None) -> dict[str, Any]:
     return {"dtype": "F32", "shape": [count] if shape is None else shape, "data_offsets": offsets}
 
 
+F32_1 = json.dumps(f32([0, 4])).encode()
+
 MALFORMED = {
     "header is not JSON": raw(b"{not json", b""),
     "header is not UTF-8": raw(b"\xff\xfe", b""),
@@ -324,6 +326,11 @@ MALFORMED = {
     "order listing a name twice": raw(
         {"__metadata__": {"fedcore.names": '["a", "a"]'}, "a": f32([0, 4])}, bytes(4)
     ),
+    "metadata twice": raw(b'{"__metadata__":{},"__metadata__":{},"a":' + F32_1 + b"}", bytes(4)),
+    "metadata not closed": raw(b'{"__metadata__":{"k":"v","a":' + F32_1 + b"}", bytes(4)),
+    "junk after the metadata": raw(b'{"__metadata__":{} x,"a":' + F32_1 + b"}", bytes(4)),
+    "junk after the header": raw(b'{"__metadata__":{},"a":' + F32_1 + b"} x", bytes(4)),
+    "entries not closed": raw(b'{"__metadata__":{},"a":' + F32_1, bytes(4)),
     "order missing a tensor": raw(
         {"__metadata__": {"fedcore.names": '["a"]'}, "a": f32([0, 4]), "b": f32([4, 8])},
         bytes(8),
@@ -341,6 +348,40 @@ def test_malformed_payload_is_refused_with_wire_format_error(
     path.write_bytes(payload)
     with pytest.raises(WireFormatError):
         wire.read(path)
+
+
+@pytest.mark.parametrize("space", ["", " ", "\n\t "])
+def test_updates_differing_in_metadata_only_parse_their_tensor_entries_once(space: str) -> None:
+    params = ParameterSet(
+        {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int64)}
+    )
+    payloads = [wire.encode(params, {"loss": str(i / 7)}) for i in range(20)]
+    if space:  # hand-spaced headers (any JSON writer's) take the same path
+        payloads = [_respaced(p, space) for p in payloads]
+    before = wire._parse_cached_entries.cache_info()
+    for index, payload in enumerate(payloads):
+        decoded, metadata = wire.decode(payload)
+        assert list(decoded) == ["w", "b"]
+        np.testing.assert_array_equal(decoded["w"], params["w"])
+        np.testing.assert_array_equal(decoded["b"], params["b"])
+        assert metadata == {"loss": str(index / 7)}
+        # The same answer as parsing the whole header.
+        size = struct.unpack_from("<Q", payload)[0]
+        header = payload[8 : 8 + size]
+        assert wire._parse_header(header, len(payload) - 8 - size) == wire._parse_new_header(
+            header, len(payload) - 8 - size
+        )
+    after = wire._parse_cached_entries.cache_info()
+    assert after.misses - before.misses <= 1
+    assert after.hits - before.hits >= 19
+
+
+def _respaced(payload: bytes, space: str) -> bytes:
+    size = struct.unpack_from("<Q", payload)[0]
+    header = json.loads(payload[8 : 8 + size])
+    text = json.dumps(header, separators=(",", ":" + space))
+    assert text.startswith('{"__metadata__":')
+    return raw(text.encode(), payload[8 + size :])
 
 
 def test_hand_built_payload_with_zero_sized_and_scalar_tensors_is_accepted() -> None:
