@@ -19,7 +19,11 @@ Three parts, printed as tables:
    and the server, i.e. the round's compute latency when the clients run on
    their own devices. Each row runs once per `--workers` value: 1 runs the
    whole round on one thread, more run the clients of each stage on a pool of
-   that many threads (`simulate_round(workers=...)`), in the same run.
+   that many threads (`simulate_round(workers=...)`); then once per
+   `--processes` value above 1, with the clients in that many forked worker
+   processes (`simulate_round(processes=...)`; the server stays in this
+   process), in the same run. Client CPU time is then measured in the
+   workers.
 
 Graph parameters come from `choose_parameters` (Bell et al.'s bound) for the
 threat model of the row: corrupt fraction `--corrupt` (default 0.05), and
@@ -27,7 +31,7 @@ design dropout fraction 0.1 for the rows with 0% and 10% dropouts, 0.3 for
 the rows with 30%.
 
 Run: .venv/bin/python bench/secagg.py [--quick] [--clients N ...]
-     [--dropouts F ...] [--corrupt GAMMA] [--workers W ...]
+     [--dropouts F ...] [--corrupt GAMMA] [--workers W ...] [--processes P ...]
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def fleet(count: int, length: int) -> tuple[list[str], dict[str, ClientIdentity]
 
 
 def bench_round(
-    count: int, dropout: float, repeat: int, corrupt: float, workers: int = 1
+    count: int, dropout: float, repeat: int, corrupt: float, *, workers: int = 1, processes: int = 1
 ) -> dict[str, float]:
     ids, identities, updates = fleet(count, PARAMETERS)
     design = 0.3 if dropout > 0.1 else 0.1
@@ -145,7 +149,11 @@ def bench_round(
         ]
         start = time.perf_counter()
         report = simulate_round(
-            setup, clients, dropouts=Dropouts(masked_input=vanished), workers=workers
+            setup,
+            clients,
+            dropouts=Dropouts(masked_input=vanished),
+            workers=workers,
+            processes=processes,
         )
         wall = time.perf_counter() - start
         assert report.result is not None, report.failure
@@ -161,26 +169,36 @@ def bench_round(
 
 
 def bench_rounds(
-    counts: list[int], dropouts: list[float], corrupt: float, workers: list[int]
+    counts: list[int], dropouts: list[float], corrupt: float, pools: list[tuple[int, int]]
 ) -> None:
     print(
         f"\n## whole rounds, P = {PARAMETERS:.0e}, dropouts after share-keys, "
         f"corrupt fraction {corrupt}, {os.cpu_count()} CPUs\n"
     )
     print(
-        "| N | dropout | k | t | workers | plain sum ms | secagg wall s | / plain "
+        "| N | dropout | k | t | clients on | plain sum ms | secagg wall s | / plain "
         "| client CPU s | client CPU per client ms | server CPU s | critical path s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for count in counts:
         for dropout in dropouts:
-            for pool in workers:
+            for threads, processes in pools:
                 f = bench_round(
-                    count, dropout, repeat=3 if count <= 100 else 1, corrupt=corrupt, workers=pool
+                    count,
+                    dropout,
+                    repeat=3 if count <= 100 else 1,
+                    corrupt=corrupt,
+                    workers=threads,
+                    processes=processes,
+                )
+                on = (
+                    f"{processes} processes"
+                    if processes > 1
+                    else f"{threads} thread{'s' if threads > 1 else ''}"
                 )
                 print(
                     f"| {count} | {dropout:.0%} | {f['degree']:.0f} | {f['threshold']:.0f} "
-                    f"| {pool} | {f['plain'] * 1e3:.2f} | {f['wall']:.2f} "
+                    f"| {on} | {f['plain'] * 1e3:.2f} | {f['wall']:.2f} "
                     f"| {f['wall'] / f['plain']:.0f}x | {f['client']:.2f} "
                     f"| {f['client'] / count * 1e3:.1f} | {f['server']:.2f} "
                     f"| {f['critical']:.2f} |",
@@ -195,14 +213,22 @@ def main() -> None:
     parser.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.1, 0.3])
     parser.add_argument("--corrupt", type=float, default=0.05, help="gamma of the threat model")
     parser.add_argument(
-        "--workers", type=int, nargs="*", default=[1, 2], help="client threads per round"
+        "--workers", type=int, nargs="*", default=[1], help="client threads per round"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="*",
+        default=[os.cpu_count() or 1],
+        help="client processes per round (rows for values above 1; default: one per CPU)",
     )
     args = parser.parse_args()
+    pools = [(w, 1) for w in args.workers] + [(1, p) for p in args.processes if p > 1]
     if not args.clients:
         bench_masks(10_000_000 if not args.quick else 1_000_000, repeat=5)
         bench_shamir(repeat=20)
     counts = args.clients or ([10, 50, 100] if args.quick else [10, 50, 100, 500])
-    bench_rounds(counts, args.dropouts, args.corrupt, args.workers)
+    bench_rounds(counts, args.dropouts, args.corrupt, pools)
 
 
 if __name__ == "__main__":

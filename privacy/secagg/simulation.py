@@ -10,25 +10,38 @@ stage, the slowest client and the server, as if the clients ran in parallel
 on their own devices.
 
 The clients of a stage are independent, so they may run on a small pool of
-threads (`workers`). Threads, not processes: the calls that dominate a
-client's time, Ed25519 verification and the AES-CTR mask keystream of
-`cryptography` and numpy's additions of the masks, release the GIL (X25519
-agreement and the Python around the calls do not), and the client state
-machines, whose keys cannot leave the process, stay where they are. The
-server takes the replies in the order of the client ids, whatever the pool,
-so a round's outcome does not depend on `workers`.
+threads (`workers`) or of forked processes (`processes`). Threads gain
+little: the AES-CTR mask keystream and numpy's additions release the GIL,
+but X25519 agreement, Ed25519 verification and the Python around the calls
+hold it. Processes scale with the cores. The processes are forked after the
+clients are given, so each worker holds its clients' identities, updates
+and randomness without copying them over a pipe; it builds their state
+machines itself, and their keys never leave it. Only the protocol's
+messages, as bytes, travel between the server and the workers, never pickle.
+A client always runs in the same worker (clients are dealt out in the
+order given), and its randomness is the worker's copy of its `rng` and
+`entropy`.
+
+Whatever the pool, the server takes the replies in the order of the client
+ids, so a round's outcome does not depend on `workers` or `processes`.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
+import signal
+import struct
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from multiprocessing.connection import Connection
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -146,29 +159,273 @@ def _reply(machine: SecAggClient, spec: SimulatedClient, stage: Stage, data: byt
     return machine.unmask(UnmaskRequest.from_bytes(data)).to_bytes()
 
 
-class _Pool:
-    """Maps over client ids on `workers` threads, yielding in the ids' order."""
+class _Clients(Protocol):
+    """Where a round's client state machines run: here (on threads) or in worker processes."""
 
-    __slots__ = ("_executor",)
+    def start(self) -> list[float]:
+        """Build every client's state machine; return the CPU seconds of each, in order."""
+        ...
 
-    def __init__(self, executor: ThreadPoolExecutor | None) -> None:
+    def answer(
+        self, stage: Stage, inbox: Mapping[str, bytes], active: Sequence[str]
+    ) -> Iterator[_Answer]:
+        """Hand each client of `active` its message of `stage`; yield the answers in that order."""
+        ...
+
+
+class _LocalClients:
+    """The client state machines in this process, stepped here or on a pool of threads."""
+
+    def __init__(
+        self,
+        setup: RoundSetup,
+        registry: Mapping[str, bytes],
+        specs: Mapping[str, SimulatedClient],
+        executor: ThreadPoolExecutor | None,
+    ) -> None:
+        self._setup, self._registry, self._specs = setup, registry, specs
         self._executor = executor
+        self._machines: dict[str, SecAggClient] = {}
 
-    def map(self, call: Callable[[str], _T], client_ids: Sequence[str]) -> Iterator[_T]:
+    def _map(self, call: Callable[[str], _T], client_ids: Sequence[str]) -> Iterator[_T]:
         if self._executor is None:
             return map(call, client_ids)
         return self._executor.map(call, client_ids)
 
+    def start(self) -> list[float]:
+        ids = list(self._specs)
+        started = self._map(lambda c: _start(self._setup, self._registry, self._specs[c]), ids)
+        seconds = []
+        for client_id, (machine, spent) in zip(ids, started, strict=True):
+            self._machines[client_id] = machine
+            seconds.append(spent)
+        return seconds
+
+    def answer(
+        self, stage: Stage, inbox: Mapping[str, bytes], active: Sequence[str]
+    ) -> Iterator[_Answer]:
+        return self._map(partial(_answer, self._machines, self._specs, stage, inbox), active)
+
 
 @contextmanager
-def _pool(workers: int) -> Iterator[_Pool]:
+def _clients(
+    setup: RoundSetup,
+    registry: Mapping[str, bytes],
+    specs: Mapping[str, SimulatedClient],
+    workers: int,
+    processes: int,
+) -> Iterator[_Clients]:
     if workers < 1:
         raise ValueError(f"workers is {workers}; it must be at least 1")
-    if workers == 1:
-        yield _Pool(None)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="secagg-client") as executor:
-        yield _Pool(executor)
+    if processes < 1:
+        raise ValueError(f"processes is {processes}; it must be at least 1")
+    if workers > 1 and processes > 1:
+        raise ValueError("use threads (workers) or processes, not both")
+    if processes > 1:
+        with _ForkedClients(setup, registry, specs, processes) as forked:
+            yield forked
+    elif workers == 1:
+        yield _LocalClients(setup, registry, specs, None)
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="secagg-client") as executor:
+            yield _LocalClients(setup, registry, specs, executor)
+
+
+class _ForkedClients:
+    """The client state machines in forked worker processes, one message per worker and stage.
+
+    Client `i` (in the order given) lives in worker `i % processes`. A
+    message is a frame: the length of a JSON header (4 bytes,
+    little-endian), the header, then the protocol messages it lists by
+    size, back to back.
+    """
+
+    def __init__(
+        self,
+        setup: RoundSetup,
+        registry: Mapping[str, bytes],
+        specs: Mapping[str, SimulatedClient],
+        processes: int,
+    ) -> None:
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise ValueError("processes > 1 needs the 'fork' start method; use threads here")
+        context = multiprocessing.get_context("fork")
+        ids = list(specs)
+        self._home = {client_id: index % processes for index, client_id in enumerate(ids)}
+        self._conns: list[Connection] = []
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        for index in range(processes):
+            parent, child = context.Pipe(duplex=True)
+            mine = [specs[client_id] for client_id in ids[index::processes]]
+            proc = context.Process(
+                target=_serve_clients,
+                # The child closes the parent's ends of every pipe it inherits,
+                # or closing them here would never reach a worker as end of file.
+                args=(child, [*self._conns, parent], setup, registry, mine),
+                name=f"secagg-clients-{index}",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    def __enter__(self) -> _ForkedClients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for conn in self._conns:
+            conn.close()
+        for proc in self._procs:
+            proc.join(_JOIN_TIMEOUT_S)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+    def start(self) -> list[float]:
+        return [answer.seconds for answer in self._exchange("start", {}, list(self._home))]
+
+    def answer(
+        self, stage: Stage, inbox: Mapping[str, bytes], active: Sequence[str]
+    ) -> Iterator[_Answer]:
+        return self._exchange(stage.value, inbox, active)
+
+    def _exchange(
+        self, op: str, inbox: Mapping[str, bytes], active: Sequence[str]
+    ) -> Iterator[_Answer]:
+        """Send every worker its clients' messages; yield the answers in the order of `active`.
+
+        The workers answer in batches as they go, so the caller's server
+        takes the first answers while the workers compute the next.
+        """
+        shares: list[list[str]] = [[] for _ in self._conns]
+        for client_id in active:
+            shares[self._home[client_id]].append(client_id)
+        for conn, share in zip(self._conns, shares, strict=True):
+            if not share:
+                continue  # a worker is sent nothing it must answer
+            messages = [inbox.get(client_id, b"") for client_id in share]
+            sizes = [[c, len(m)] for c, m in zip(share, messages, strict=True)]
+            conn.send_bytes(_frame({"op": op, "clients": sizes}, messages))
+        received: list[deque[tuple[str, _Answer]]] = [deque() for _ in self._conns]
+        for client_id in active:
+            worker = self._home[client_id]
+            while not received[worker]:
+                received[worker].extend(self._receive(worker))
+            answered, answer = received[worker].popleft()
+            if answered != client_id:
+                raise RuntimeError(f"secagg client worker {worker} answered out of order")
+            yield answer
+
+    def _receive(self, worker: int) -> Iterator[tuple[str, _Answer]]:
+        """Read one batch of answers from `worker`."""
+        try:
+            header, body = _unframe(self._conns[worker].recv_bytes())
+        except (EOFError, OSError) as exc:
+            code = self._procs[worker].exitcode
+            raise RuntimeError(f"secagg client worker {worker} died (exit code {code})") from exc
+        if "error" in header:
+            raise RuntimeError(f"secagg client worker {worker} failed: {header['error']}")
+        for (client_id, seconds, refusal), reply in zip(
+            header["answers"], _pieces(body, header["sizes"]), strict=True
+        ):
+            yield (
+                client_id,
+                _Answer(None if refusal is not None else bytes(reply), refusal or "", seconds),
+            )
+
+
+_JOIN_TIMEOUT_S = 5.0
+# A worker answers a stage's first client at once, then in batches that
+# double up to this many answers.
+_BATCH = 8
+_LENGTH = struct.Struct("<I")
+
+
+def _frame(header: Mapping[str, Any], messages: Sequence[bytes]) -> bytes:
+    head = json.dumps(header).encode()
+    return b"".join([_LENGTH.pack(len(head)), head, *messages])
+
+
+def _unframe(frame: bytes) -> tuple[dict[str, Any], memoryview]:
+    (length,) = _LENGTH.unpack_from(frame)
+    end = _LENGTH.size + length
+    header: dict[str, Any] = json.loads(frame[_LENGTH.size : end])
+    return header, memoryview(frame)[end:]
+
+
+def _pieces(body: memoryview, sizes: Sequence[int]) -> Iterator[memoryview]:
+    at = 0
+    for size in sizes:
+        yield body[at : at + size]
+        at += size
+
+
+def _serve_clients(
+    conn: Connection,
+    inherited: Sequence[Connection],
+    setup: RoundSetup,
+    registry: Mapping[str, bytes],
+    specs: Sequence[SimulatedClient],
+) -> None:
+    """A worker's loop: step its clients through each stage the parent sends."""
+    for other in inherited:
+        other.close()
+    # Ctrl-C reaches the whole process group; the parent handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = _Worker(setup, registry, {spec.identity.client_id: spec for spec in specs})
+    while True:
+        try:
+            header, body = _unframe(conn.recv_bytes())
+        except (EOFError, OSError):
+            break
+        batch: list[tuple[str, _Answer]] = []
+        limit = 1
+        try:
+            for answered in worker.handle(header, body):
+                batch.append(answered)
+                if len(batch) >= limit:
+                    conn.send_bytes(_answers(batch))
+                    # The first answer goes at once, the next in doubling batches.
+                    batch, limit = [], min(2 * limit, _BATCH)
+        except Exception as exc:  # noqa: BLE001 -- reported to the parent, which raises it
+            conn.send_bytes(_frame({"error": repr(exc)}, []))
+            continue
+        if batch:
+            conn.send_bytes(_answers(batch))
+    conn.close()
+
+
+def _answers(batch: Sequence[tuple[str, _Answer]]) -> bytes:
+    rows = [[c, a.seconds, None if a.reply is not None else a.refusal] for c, a in batch]
+    replies = [a.reply or b"" for _, a in batch]
+    return _frame({"answers": rows, "sizes": [len(r) for r in replies]}, replies)
+
+
+@dataclass(slots=True)
+class _Worker:
+    """A worker process's clients and their state machines."""
+
+    setup: RoundSetup
+    registry: Mapping[str, bytes]
+    specs: Mapping[str, SimulatedClient]
+    machines: dict[str, SecAggClient] = field(default_factory=dict)
+
+    def handle(self, header: Mapping[str, Any], body: memoryview) -> Iterator[tuple[str, _Answer]]:
+        """Run one request of the parent: build the clients, or answer a stage, client by client."""
+        listed = [(client_id, size) for client_id, size in header["clients"]]
+        ids = [client_id for client_id, _ in listed]
+        if header["op"] == "start":
+            for client_id in ids:
+                machine, seconds = _start(self.setup, self.registry, self.specs[client_id])
+                self.machines[client_id] = machine
+                yield client_id, _Answer(b"", "", seconds)
+            return
+        stage = Stage(header["op"])
+        messages = _pieces(body, [size for _, size in listed])
+        inbox = {c: bytes(message) for c, message in zip(ids, messages, strict=True)}
+        for client_id in ids:
+            yield client_id, _answer(self.machines, self.specs, stage, inbox, client_id)
 
 
 def _start(
@@ -204,6 +461,7 @@ def simulate_round(
     *,
     dropouts: Dropouts | None = None,
     workers: int = 1,
+    processes: int = 1,
 ) -> SimulationReport:
     """Run one round of `setup` with `clients`, silencing `dropouts` stage by stage.
 
@@ -213,9 +471,13 @@ def simulate_round(
         dropouts: who goes silent at which stage; nobody if None.
         workers: the threads that run the clients of a stage (see the module
             docstring); 1 runs everything on the calling thread.
+        processes: the forked processes that run the clients instead
+            (platforms with `fork` only); 1: none.
 
     Raises:
-        ValueError: workers is below 1.
+        ValueError: workers or processes below 1, both above 1, or
+            processes above 1 where processes cannot be forked.
+        RuntimeError: a worker process died or failed outside the protocol.
     """
     dropouts = dropouts or Dropouts()
     registry = {c.identity.client_id: c.identity.public_key for c in clients}
@@ -223,19 +485,16 @@ def simulate_round(
     clock = _Clock()
     silent: set[str] = set()
     aborted: dict[str, str] = {}
-    with _pool(workers) as pool:
-        machines: dict[str, SecAggClient] = {}
-        started = pool.map(lambda client_id: _start(setup, registry, specs[client_id]), list(specs))
-        for client_id, (machine, seconds) in zip(specs, started, strict=True):
+    with _clients(setup, registry, specs, workers, processes) as pool:
+        for client_id, seconds in zip(specs, pool.start(), strict=True):
             clock.on_client(client_id, seconds)
-            machines[client_id] = machine
         clock.end_stage()
         server = clock.on_server(partial(SecAggServer, setup, registry))
-        inbox: dict[str, bytes] = dict.fromkeys(machines, b"")
+        inbox: dict[str, bytes] = dict.fromkeys(specs, b"")
         for stage in Stage:
             silent |= dropouts.at(stage)
             active = sorted(set(inbox) - silent - set(aborted))
-            answers = pool.map(partial(_answer, machines, specs, stage, inbox), active)
+            answers = pool.answer(stage, inbox, active)
             for client_id, answer in zip(active, answers, strict=True):
                 clock.on_client(client_id, answer.seconds)
                 if answer.reply is None:

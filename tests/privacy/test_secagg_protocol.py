@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import multiprocessing
 from collections.abc import Callable
 
 import numpy as np
@@ -224,7 +226,20 @@ def test_weighted_mean_of_a_round_approximates_plain_weighted_fedavg() -> None:
     )
 
 
-def test_a_round_on_a_pool_of_threads_gives_the_same_outcome_as_on_one() -> None:
+@pytest.mark.parametrize(
+    "pool",
+    [
+        {"workers": 3},
+        pytest.param(
+            {"processes": 2},
+            marks=pytest.mark.skipif(
+                "fork" not in multiprocessing.get_all_start_methods(), reason="needs fork"
+            ),
+        ),
+    ],
+    ids=["threads", "processes"],
+)
+def test_a_round_on_a_pool_gives_the_same_outcome_as_on_one_thread(pool: dict[str, int]) -> None:
     setup = plan_round(
         SecAggConfig(300, Quantization(clip=1.0), ThreatModel(0.05, 0.3)),
         federation_id="fed",
@@ -236,9 +251,9 @@ def test_a_round_on_a_pool_of_threads_gives_the_same_outcome_as_on_one() -> None
     # keys and removes their pairwise masks.
     dropouts = Dropouts(masked_input=frozenset(setup.cohort[::6]))
     reports = []
-    for workers in (1, 3):
+    for options in ({}, pool):
         clients, _ = fleet(setup, 9)  # the same seeded randomness for both
-        reports.append(simulate_round(setup, clients, dropouts=dropouts, workers=workers))
+        reports.append(simulate_round(setup, clients, dropouts=dropouts, **options))
     one, pooled = reports
     assert one.result is not None
     assert pooled.result is not None
@@ -254,8 +269,26 @@ def test_a_round_on_a_pool_of_threads_gives_the_same_outcome_as_on_one() -> None
     assert pooled.server_seconds > 0
 
 
-def test_a_pool_needs_at_least_one_worker() -> None:
+def test_a_pool_needs_at_least_one_worker_and_threads_or_processes_not_both() -> None:
     setup = setup_for(5, 4, 3, seed=1)
     clients, _ = fleet(setup, 1)
     with pytest.raises(ValueError, match="workers is 0"):
         simulate_round(setup, clients, workers=0)
+    with pytest.raises(ValueError, match="processes is 0"):
+        simulate_round(setup, clients, processes=0)
+    with pytest.raises(ValueError, match="not both"):
+        simulate_round(setup, clients, workers=2, processes=2)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_client_that_fails_outside_the_protocol_in_a_worker_process_is_reported() -> None:
+    setup = setup_for(5, 4, 3, seed=1)
+    clients, _ = fleet(setup, 1)
+    # A NaN update is a programming error, not a protocol refusal: the worker
+    # reports it and the parent raises, naming the worker.
+    broken = [
+        *clients[:-1],
+        dataclasses.replace(clients[-1], update=np.full_like(clients[-1].update, np.nan)),
+    ]
+    with pytest.raises(RuntimeError, match=r"secagg client worker 0 failed: .*"):
+        simulate_round(setup, broken, processes=2)
