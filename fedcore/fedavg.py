@@ -452,9 +452,16 @@ def _lanes(size: int) -> list[_Lane]:
     lanes = _thread_count()
     # Within the budget of _STAGE_SHARE, long rows come first (see _MIN_DEPTH).
     stage = size // (_STAGE_SHARE * lanes)
-    row = min(_ROW, stage // _MIN_DEPTH)
-    row = max(_SUB, row - row % _SUB)
-    depth = max(1, min(_MAX_DEPTH, stage // row))
+    if stage < _MAX_DEPTH * _SUB:
+        # A small model: the budget would allow less than one row, and a
+        # stage of one row folds each update alone (about 2x the time per
+        # update at P = 4810, where every numpy call counts). A full stage
+        # of the shortest rows is 128 KiB per thread.
+        row, depth = _SUB, _MAX_DEPTH
+    else:
+        row = min(_ROW, stage // _MIN_DEPTH)
+        row = max(_SUB, row - row % _SUB)
+        depth = max(1, min(_MAX_DEPTH, stage // row))
     return [
         _Lane(stage=np.empty((depth, row), dtype=np.float64), out=np.empty(row, dtype=np.float64))
         for _ in range(lanes)

@@ -145,6 +145,15 @@ def test_add_many_equals_one_add_per_update(
     assert_close_to_reference(many.mean(), reference_mean(deltas, ws))
 
 
+@pytest.mark.parametrize("size", [10, 4810])
+def test_small_models_fold_eight_updates_per_step_in_a_small_stage(size: int) -> None:
+    # The stage budget of a quarter of the model would allow less than one
+    # row: each update would then be folded alone.
+    for lane in fedavg._lanes(size):
+        assert lane.stage.shape == (8, 2048)
+        assert lane.stage.nbytes + lane.out.nbytes <= 160 * 1024
+
+
 def test_add_many_folds_large_tensors_and_batches_over_the_block_size(fold_loop: str) -> None:
     # 40 updates (three batches of at most 16) of a tensor longer than one
     # staging block, with a ragged tail, plus a small tensor.
