@@ -139,7 +139,7 @@ class Client:
             if task.action is TaskAction.TRAIN and task.secure:
                 return self._secure_step(task)
             if task.action is TaskAction.TRAIN:
-                self.submit(task, *self._fit(task))
+                self.submit(task, *self.train(task))
         except BudgetExhausted as exc:
             logger.warning("federation %s: client stops: %s", self.federation_id, exc)
             self._exhausted = True
@@ -197,7 +197,7 @@ class Client:
                     "identity registered at enrollment (Client(..., identity=...))"
                 ]
             )
-        progress = self._secure.answer(task, lambda: self._fit(task))
+        progress = self._secure.answer(task, lambda: self.train(task))
         if progress is Progress.TRAINED:
             meta = self._secure.last_meta or UpdateMeta(num_examples=0)
             self._last_result = RoundResult(
@@ -211,8 +211,15 @@ class Client:
         sent = progress in (Progress.SENT, Progress.TRAINED)
         return TaskAction.TRAIN if sent else TaskAction.WAIT
 
-    def _fit(self, task: Task) -> tuple[ParameterSet, UpdateMeta]:
-        """Train on the task's model; return the delta and its meta."""
+    def train(self, task: Task) -> tuple[ParameterSet, UpdateMeta]:
+        """Train on the model of a `train` task; return the delta and its metadata, unsent.
+
+        `act` trains and uploads (or, in secure rounds, masks the delta); a
+        simulation that submits later hands the result to `submit`.
+
+        Raises:
+            BudgetExhausted: DP-SGD only: the round would spend more than the budget.
+        """
         number, version = _round_of(task)
         params = self._fetch_model(version)
         trained, meta = self.trainer.fit(params, task.train or TrainConfig(), round_number=number)

@@ -5,18 +5,21 @@ model object (each loads the round's parameters before it trains) and each
 keeps only its data shard. No threads: a simulation steps the fleet and the
 aggregator in turn, which makes a run deterministic.
 
-With `workers` > 1 the clients still check in and submit one after another
-in the parent, but their training runs in forked worker processes
-(`clients.pool`), one core each. The deltas are submitted in the clients'
-order, so when every client takes part in every round the models are bit
-for bit those of one process; with sampled cohorts the clients check in
-before any of the round's deltas is submitted, which may change which
-clients a later round samples.
+Each step checks every client in, then trains the plain rounds' clients a
+chunk at a time and submits each chunk's deltas in the clients' order
+(phases rather than client by client; see `Fleet._step`). With `workers` >
+1 the training runs in forked worker processes (`clients.pool`), one core
+each, and the parent submits. Either way the deltas are submitted in the
+clients' order, so the models are bit for bit the same for any `workers`.
+Since every client checks in before any of the round's deltas is
+submitted, a client of a sampled cohort whose round closes before its
+delta is submitted (over-selection) has trained for nothing: its update is
+refused as late, as a real straggler's would be.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,11 +34,17 @@ from fedcore import (
     TrainConfig,
     Transport,
     TransportError,
+    UpdateMeta,
     wire,
 )
 from privacy.secagg import ClientIdentity
 
 __all__ = ["Fleet"]
+
+# Clients trained before their updates are submitted, at most, and the most
+# bytes of deltas they may hold (see `Fleet._step`).
+_PHASE_CLIENTS = 64
+_PHASE_BYTES = 64 << 20
 
 
 class Fleet:
@@ -143,18 +152,21 @@ class Fleet:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         try:
-            if self._workers == 1:
-                return sum(
-                    1
-                    for client in self._clients
-                    if not _is_finished(client) and client.step() is TaskAction.TRAIN
-                )
-            return self._step_parallel()
+            return self._step()
         finally:
             torch.set_num_threads(previous)
 
-    def _step_parallel(self) -> int:
-        """Check every client in; train the plain tasks in the workers; submit in order."""
+    def _step(self) -> int:
+        """Check every client in; train the plain tasks, here or in the workers; submit in order.
+
+        Training and submitting run in phases, not client by client: a
+        chunk of clients trains, then their updates go to the aggregator in
+        the clients' order. Alternating each client's training with its
+        submission slowed both: they share no code or data, and each evicted
+        the other's from the CPU's caches (one process, the digits task of
+        `bench/simulate.py`: 2.2x the bare loop client by client, 1.8x in
+        phases).
+        """
         trained = 0
         jobs: list[TrainingJob] = []
         tasks: dict[int, Task] = {}
@@ -169,6 +181,11 @@ class Fleet:
                 trained += 1
         if not jobs:
             return trained
+        if self._workers == 1:
+            for job, delta, meta in self._train_here(jobs, tasks):
+                self._clients[job.client].submit(tasks[job.client], delta, meta)
+                trained += 1
+            return trained
         if self._pool is None:
             # Forked now, not at construction: the workers must inherit the
             # trainers with their data, and a fleet that never trains in
@@ -178,6 +195,25 @@ class Fleet:
             self._clients[job.client].submit_encoded(tasks[job.client], update, meta)
             trained += 1
         return trained
+
+    def _train_here(
+        self, jobs: Sequence[TrainingJob], tasks: Mapping[int, Task]
+    ) -> Iterator[tuple[TrainingJob, ParameterSet, UpdateMeta]]:
+        """Train `jobs` in this process a chunk at a time; yield each result in order.
+
+        A chunk holds at most `_PHASE_CLIENTS` clients and `_PHASE_BYTES` of
+        deltas (the first chunk one client, to learn the deltas' size), so a
+        large model trains and submits client by client.
+        """
+        chunk, first = 1, 0
+        while first < len(jobs):
+            batch = jobs[first : first + chunk]
+            results = [self._clients[job.client].train(tasks[job.client]) for job in batch]
+            for job, (delta, meta) in zip(batch, results, strict=True):
+                yield job, delta, meta
+            first += len(batch)
+            size = sum(array.nbytes for array in results[0][0].values())
+            chunk = max(1, min(_PHASE_CLIENTS, _PHASE_BYTES // max(1, size)))
 
     def _model_bytes(self, version: str) -> bytes:
         """The safetensors bytes of a model version, fetched once through a client."""

@@ -146,6 +146,9 @@ def test_sampled_and_secure_simulations_run_with_workers() -> None:
     sampled = simulate(SimulationConfig(clients=30, rounds=3, fraction=0.3, workers=2), split=split)
     assert [r.status for r in sampled.reports] == [RoundStatus.CLOSED] * 3
     assert all(r.clients == 9 for r in sampled.reports)
+    # One process checks in, trains and submits in the same phases.
+    alone = simulate(SimulationConfig(clients=30, rounds=3, fraction=0.3), split=split)
+    assert wire.encode(alone.model) == wire.encode(sampled.model)
     # Secure rounds train in the parent (their keys live there).
     secure = simulate(
         SimulationConfig(clients=4, rounds=2, secure_aggregation=True, workers=2), split=split
