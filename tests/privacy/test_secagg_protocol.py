@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import multiprocessing
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -278,6 +279,20 @@ def test_a_pool_needs_at_least_one_worker_and_threads_or_processes_not_both() ->
         simulate_round(setup, clients, processes=0)
     with pytest.raises(ValueError, match="not both"):
         simulate_round(setup, clients, workers=2, processes=2)
+
+
+def _exit_three(size: int) -> bytes:
+    os._exit(3)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_worker_process_that_dies_is_reported() -> None:
+    setup = setup_for(5, 4, 3, seed=1)
+    clients, _ = fleet(setup, 1)
+    # Client 1 lives in worker 1, which exits when the client draws its keys.
+    dying = [clients[0], dataclasses.replace(clients[1], entropy=_exit_three), *clients[2:]]
+    with pytest.raises(RuntimeError, match=r"secagg client worker 1 died \(exit code 3\)"):
+        simulate_round(setup, dying, processes=2)
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
