@@ -35,9 +35,7 @@ on what it holds), so a worker that is ahead does not wait for it.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import select
-import signal
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,10 +47,10 @@ import torch
 
 from clients.trainer import Trainer
 from fedcore import UPDATE_META_KEY, ParameterSet, TrainConfig, UpdateMeta, wire
+from fedcore.forked import ForkedWorkers, fork_available
 
 __all__ = ["TrainingJob", "TrainingPool", "fork_available"]
 
-_JOIN_TIMEOUT_S = 5.0
 # A worker's batch of answers: the first batch of a round holds one update,
 # so the parent can start submitting at once; each next batch doubles, up
 # to this many updates or these many bytes.
@@ -73,11 +71,6 @@ class TrainingJob:
     config: TrainConfig
 
 
-def fork_available() -> bool:
-    """Whether worker processes can be forked on this platform."""
-    return "fork" in multiprocessing.get_all_start_methods()
-
-
 class TrainingPool:
     """Forked worker processes that train jobs for a fixed list of trainers.
 
@@ -92,29 +85,10 @@ class TrainingPool:
         Raises:
             ValueError: `workers` < 1, or this platform cannot fork.
         """
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if not fork_available():
-            raise ValueError("worker processes need the 'fork' start method; use workers=1 here")
-        context = multiprocessing.get_context("fork")
-        self._conns: list[Connection] = []
-        self._procs: list[multiprocessing.process.BaseProcess] = []
-        for index in range(workers):
-            parent, child = context.Pipe(duplex=True)
-            # The child inherits the parent's ends of its own pipe and of the
-            # earlier workers' pipes; it closes them, or closing them in the
-            # parent would never reach a worker as end of file.
-            inherited = [*self._conns, parent]
-            proc = context.Process(
-                target=_serve,
-                args=(child, inherited, trainers),
-                name=f"fedcore-trainer-{index}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        self._workers = ForkedWorkers(
+            workers, _serve, lambda _: (trainers,), name="fedcore-trainer"
+        )
+        self._conns = self._workers.conns
         # The model version each worker holds, so each gets a model once.
         self._versions: list[str | None] = [None] * workers
         # Answers read ahead, per worker, in the order the worker sent them.
@@ -136,13 +110,8 @@ class TrainingPool:
         """Stop the workers (they finish the job in hand); safe to call twice."""
         for conn in self._conns:
             self._poller.unregister(conn.fileno())
-            conn.close()
-        for proc in self._procs:
-            proc.join(_JOIN_TIMEOUT_S)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-        self._conns, self._procs = [], []
+        self._workers.close()
+        self._conns = self._workers.conns
 
     def train(
         self, jobs: Sequence[TrainingJob], model: Callable[[str], bytes]
@@ -238,12 +207,7 @@ class TrainingPool:
         Raises:
             RuntimeError: the worker died.
         """
-        try:
-            message = self._conns[worker].recv_bytes()
-        except (EOFError, OSError) as exc:
-            code = self._procs[worker].exitcode
-            raise RuntimeError(f"training worker {worker} died (exit code {code})") from exc
-        for frame in _split(message):
+        for frame in _split(self._workers.receive(worker, "training worker")):
             self._inbox[worker].append(frame)
             self._held += len(frame)
 
@@ -299,13 +263,8 @@ def _split(message: bytes) -> Iterator[memoryview]:
         at += length
 
 
-def _serve(conn: Connection, inherited: Sequence[Connection], trainers: Sequence[Trainer]) -> None:
+def _serve(conn: Connection, trainers: Sequence[Trainer]) -> None:
     """A worker's loop: train each job received until the parent closes the pipe."""
-    for other in inherited:
-        other.close()
-    # Ctrl-C reaches the whole process group; the parent handles it and
-    # closes the pool, which ends this loop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     params: ParameterSet | None = None
     configs: dict[str, TrainConfig] = {}
@@ -328,7 +287,6 @@ def _serve(conn: Connection, inherited: Sequence[Connection], trainers: Sequence
             if len(batch) >= limit or size >= _BATCH_BYTES or index == len(jobs) - 1:
                 conn.send_bytes(_batch(batch))
                 batch, size, limit = [], 0, min(2 * limit, _BATCH_UPDATES)
-    conn.close()
 
 
 def _train_one(

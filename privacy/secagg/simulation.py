@@ -29,9 +29,7 @@ ids, so a round's outcome does not depend on `workers` or `processes`.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import signal
 import struct
 import time
 from collections import deque
@@ -46,6 +44,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from fedcore import Array
+from fedcore.forked import ForkedWorkers, fork_available
 from privacy.secagg.client import SecAggClient
 from privacy.secagg.errors import ProtocolViolation
 from privacy.secagg.keys import ClientIdentity, Entropy
@@ -232,12 +231,13 @@ def _clients(
 
 
 class _ForkedClients:
-    """The client state machines in forked worker processes, one message per worker and stage.
+    """The client state machines in forked worker processes.
 
-    Client `i` (in the order given) lives in worker `i % processes`. A
-    message is a frame: the length of a JSON header (4 bytes,
-    little-endian), the header, then the protocol messages it lists by
-    size, back to back.
+    Client `i` (in the order given) lives in worker `i % processes`. Each
+    stage, a worker gets one message with its clients' protocol messages and
+    answers in batches. A message is a frame: the length of a JSON header
+    (4 bytes, little-endian), the header, then the protocol messages it
+    lists by size, back to back.
     """
 
     def __init__(
@@ -247,40 +247,22 @@ class _ForkedClients:
         specs: Mapping[str, SimulatedClient],
         processes: int,
     ) -> None:
-        if "fork" not in multiprocessing.get_all_start_methods():
+        if not fork_available():
             raise ValueError("processes > 1 needs the 'fork' start method; use threads here")
-        context = multiprocessing.get_context("fork")
         ids = list(specs)
         self._home = {client_id: index % processes for index, client_id in enumerate(ids)}
-        self._conns: list[Connection] = []
-        self._procs: list[multiprocessing.process.BaseProcess] = []
-        for index in range(processes):
-            parent, child = context.Pipe(duplex=True)
-            mine = [specs[client_id] for client_id in ids[index::processes]]
-            proc = context.Process(
-                target=_serve_clients,
-                # The child closes the parent's ends of every pipe it inherits,
-                # or closing them here would never reach a worker as end of file.
-                args=(child, [*self._conns, parent], setup, registry, mine),
-                name=f"secagg-clients-{index}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        self._workers = ForkedWorkers(
+            processes,
+            _serve_clients,
+            lambda index: (setup, registry, [specs[c] for c in ids[index::processes]]),
+            name="secagg-clients",
+        )
 
     def __enter__(self) -> _ForkedClients:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for conn in self._conns:
-            conn.close()
-        for proc in self._procs:
-            proc.join(_JOIN_TIMEOUT_S)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
+        self._workers.close()
 
     def start(self) -> list[float]:
         return [answer.seconds for answer in self._exchange("start", {}, list(self._home))]
@@ -298,16 +280,17 @@ class _ForkedClients:
         The workers answer in batches as they go, so the caller's server
         takes the first answers while the workers compute the next.
         """
-        shares: list[list[str]] = [[] for _ in self._conns]
+        conns = self._workers.conns
+        shares: list[list[str]] = [[] for _ in conns]
         for client_id in active:
             shares[self._home[client_id]].append(client_id)
-        for conn, share in zip(self._conns, shares, strict=True):
+        for conn, share in zip(conns, shares, strict=True):
             if not share:
                 continue  # a worker is sent nothing it must answer
             messages = [inbox.get(client_id, b"") for client_id in share]
             sizes = [[c, len(m)] for c, m in zip(share, messages, strict=True)]
             conn.send_bytes(_frame({"op": op, "clients": sizes}, messages))
-        received: list[deque[tuple[str, _Answer]]] = [deque() for _ in self._conns]
+        received: list[deque[tuple[str, _Answer]]] = [deque() for _ in conns]
         for client_id in active:
             worker = self._home[client_id]
             while not received[worker]:
@@ -319,11 +302,7 @@ class _ForkedClients:
 
     def _receive(self, worker: int) -> Iterator[tuple[str, _Answer]]:
         """Read one batch of answers from `worker`."""
-        try:
-            header, body = _unframe(self._conns[worker].recv_bytes())
-        except (EOFError, OSError) as exc:
-            code = self._procs[worker].exitcode
-            raise RuntimeError(f"secagg client worker {worker} died (exit code {code})") from exc
+        header, body = _unframe(self._workers.receive(worker, "secagg client worker"))
         if "error" in header:
             raise RuntimeError(f"secagg client worker {worker} failed: {header['error']}")
         for (client_id, seconds, refusal), reply in zip(
@@ -335,7 +314,6 @@ class _ForkedClients:
             )
 
 
-_JOIN_TIMEOUT_S = 5.0
 # A worker answers a stage's first client at once, then in batches that
 # double up to this many answers.
 _BATCH = 8
@@ -363,16 +341,11 @@ def _pieces(body: memoryview, sizes: Sequence[int]) -> Iterator[memoryview]:
 
 def _serve_clients(
     conn: Connection,
-    inherited: Sequence[Connection],
     setup: RoundSetup,
     registry: Mapping[str, bytes],
     specs: Sequence[SimulatedClient],
 ) -> None:
     """A worker's loop: step its clients through each stage the parent sends."""
-    for other in inherited:
-        other.close()
-    # Ctrl-C reaches the whole process group; the parent handles it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = _Worker(setup, registry, {spec.identity.client_id: spec for spec in specs})
     while True:
         try:
@@ -393,7 +366,6 @@ def _serve_clients(
             continue
         if batch:
             conn.send_bytes(_answers(batch))
-    conn.close()
 
 
 def _answers(batch: Sequence[tuple[str, _Answer]]) -> bytes:

@@ -112,7 +112,7 @@ def test_a_dead_worker_is_reported() -> None:
 
 def test_close_stops_every_worker_and_refuses_more_work() -> None:
     pool = TrainingPool([_Trainer(0)], workers=2)
-    processes = list(pool._procs)
+    processes = list(pool._workers.procs)
     pool.close()
     assert all(not p.is_alive() for p in processes)
     assert all(p.exitcode == 0 for p in processes)

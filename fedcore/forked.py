@@ -1,0 +1,115 @@
+"""Forked worker processes, each with a duplex pipe to its parent.
+
+Simulation runs a fleet's training (`clients.pool`) and a secure round's
+clients (`privacy.secagg.simulate_round`) in such workers: forked, so that
+each inherits its share of the clients, their data and their keys without
+any of it crossing a pipe. This module holds what both need and is easy to
+get wrong: each child closes the parent's ends of every pipe it inherited
+(else closing them in the parent would never reach a worker as end of
+file), ignores Ctrl-C (it reaches the whole process group; the parent
+handles it and closes the pipes, which ends each worker's loop), and a
+closed parent waits for its workers, then terminates those that hang.
+
+Only bytes cross the pipes (`Connection.send_bytes`), never pickle.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+__all__ = ["ForkedWorkers", "fork_available"]
+
+_JOIN_TIMEOUT_S = 5.0
+
+
+def fork_available() -> bool:
+    """Whether worker processes can be forked on this platform."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+class ForkedWorkers:
+    """`count` forked processes, worker `i` running `target(conn, *args(i))`.
+
+    `target` loops on `conn` until `recv_bytes` raises `EOFError` (the parent
+    closed its end), then returns.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        target: Callable[..., None],
+        args: Callable[[int], tuple[Any, ...]],
+        *,
+        name: str,
+    ) -> None:
+        """Fork the workers; `args(i)` gives worker `i`'s arguments after its connection.
+
+        Raises:
+            ValueError: `count` < 1, or this platform cannot fork.
+        """
+        if count < 1:
+            raise ValueError(f"workers must be >= 1, got {count}")
+        if not fork_available():
+            raise ValueError("worker processes need the 'fork' start method; use 1 here")
+        context = multiprocessing.get_context("fork")
+        self.conns: list[Connection] = []
+        self.procs: list[BaseProcess] = []
+        for index in range(count):
+            parent, child = context.Pipe(duplex=True)
+            proc = context.Process(
+                target=_run,
+                args=(child, [*self.conns, parent], target, args(index)),
+                name=f"{name}-{index}",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def __enter__(self) -> ForkedWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pipes and wait for the workers (terminating those that hang); idempotent."""
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            proc.join(_JOIN_TIMEOUT_S)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        self.conns, self.procs = [], []
+
+    def receive(self, worker: int, what: str) -> bytes:
+        """Return the next message of `worker`.
+
+        Raises:
+            RuntimeError: the worker died; `what` names it in the message.
+        """
+        try:
+            return self.conns[worker].recv_bytes()
+        except (EOFError, OSError) as exc:
+            code = self.procs[worker].exitcode
+            raise RuntimeError(f"{what} {worker} died (exit code {code})") from exc
+
+
+def _run(
+    conn: Connection,
+    inherited: Sequence[Connection],
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+) -> None:
+    for other in inherited:
+        other.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(conn, *args)
+    conn.close()
