@@ -25,6 +25,7 @@ from typing import Any
 __all__ = ["ForkedWorkers", "fork_available"]
 
 _JOIN_TIMEOUT_S = 5.0
+_EXIT_WAIT_S = 2.0
 
 
 def fork_available() -> bool:
@@ -98,8 +99,11 @@ class ForkedWorkers:
         try:
             return self.conns[worker].recv_bytes()
         except (EOFError, OSError) as exc:
-            code = self.procs[worker].exitcode
-            raise RuntimeError(f"{what} {worker} died (exit code {code})") from exc
+            # The pipe closes as the process exits, a moment before the exit
+            # can be collected: wait for it briefly, for its code.
+            proc = self.procs[worker]
+            proc.join(_EXIT_WAIT_S)
+            raise RuntimeError(f"{what} {worker} died (exit code {proc.exitcode})") from exc
 
 
 def _run(
