@@ -15,6 +15,7 @@ never depends on which process saw which upload.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ from fedcore import (
     wire,
 )
 from privacy.dp import DpConfig, DpMode, PrivacyEvent
-from privacy.secagg import RoundSetup, SecAggConfig, SecAggResult
+from privacy.secagg import LOSS_VALUES, RoundSetup, SecAggConfig, SecAggResult, loss_of
 
 __all__ = [
     "ENDED",
@@ -297,8 +298,14 @@ class RoundEngine:
             "excluded": float(len(detail.excluded)),
         }
         if config.client_level_dp is None:
-            new = secure_model(model, detail.mean(), config.server_lr)
+            mean = detail.mean()
+            new = secure_model(model, mean, config.server_lr)
             metrics["examples"] = detail.total_weight or 0.0
+            # A round planned before the loss travelled in the vector has none.
+            size = sum(spec.size for spec in self.spec(rnd.model_version).values())
+            loss = loss_of(mean, config.secagg.clip) if mean.size > size else math.nan
+            if math.isfinite(loss):
+                metrics["train_loss"] = loss
             self._publish(tx, fed, rnd, (new, {"metrics": metrics}), now)
             return True
         try:
@@ -356,8 +363,11 @@ class RoundEngine:
         tx.update_round(fed.id, rnd.number, secagg_setup=setup.to_bytes())
 
     def _protocol(self, fed: FederationRecord, version: str) -> SecAggConfig:
+        # The update, then the values that carry the training loss
+        # (`privacy.secagg.with_loss`); distributed DP rounds set their own
+        # vector length (`ring`).
         size = sum(s.size for s in self.spec(version).values())
-        return self.config_of(fed).secagg.protocol(size)
+        return self.config_of(fed).secagg.protocol(size + LOSS_VALUES)
 
     def round_noise(self, fed: FederationRecord, rnd: RoundRecord) -> DistributedNoise | None:
         """Return what each client of a distributed DP round must encode with, else None."""

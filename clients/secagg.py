@@ -50,6 +50,7 @@ from privacy.secagg import (
     Stage,
     UnmaskRequest,
     flatten,
+    with_loss,
 )
 
 __all__ = ["Progress", "SecureParticipant"]
@@ -145,7 +146,11 @@ class SecureParticipant:
             masked = machine.masked_ring_input(delivery, codes)
         elif setup.quantization is not None:
             weight = min(float(meta.num_examples), setup.quantization.max_weight)
-            masked = machine.masked_input(delivery, flatten(delta), weight=weight)
+            # The training loss travels in the masked vector too, so the
+            # aggregator learns only its weighted mean.
+            loss = meta.metrics.get("train_loss")
+            vector = with_loss(flatten(delta), loss, setup.quantization.clip)
+            masked = machine.masked_input(delivery, vector, weight=weight)
         else:
             raise ProtocolViolation("a round without quantization and without DP parameters")
         self.last_meta = meta

@@ -33,11 +33,19 @@ from privacy.secagg.messages import (
     UnmaskResponse,
 )
 from privacy.secagg.prg import expand_mask, pairwise_sign
-from privacy.secagg.quantize import Quantization, flatten, unflatten
+from privacy.secagg.quantize import (
+    LOSS_VALUES,
+    Quantization,
+    flatten,
+    loss_of,
+    unflatten,
+    with_loss,
+)
 from privacy.secagg.server import SecAggResult, SecAggServer, StageOutcome, Verdict
 from privacy.secagg.simulation import Dropouts, SimulatedClient, SimulationReport, simulate_round
 
 __all__ = [
+    "LOSS_VALUES",
     "AdvertiseKeys",
     "ClientIdentity",
     "ClientMessage",
@@ -76,8 +84,10 @@ __all__ = [
     "choose_parameters",
     "expand_mask",
     "flatten",
+    "loss_of",
     "pairwise_sign",
     "plan_round",
     "simulate_round",
     "unflatten",
+    "with_loss",
 ]

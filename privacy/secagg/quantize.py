@@ -33,7 +33,7 @@ import numpy as np
 
 from fedcore import Array, NonFiniteUpdate, ParameterSet, TensorSpec, as_dtype
 
-__all__ = ["Quantization", "flatten", "unflatten"]
+__all__ = ["LOSS_VALUES", "Quantization", "flatten", "loss_of", "unflatten", "with_loss"]
 
 # Encoding runs over this many values at a time to bound float64 temporaries.
 _CHUNK = 1 << 20
@@ -160,3 +160,40 @@ def unflatten(vector: Array, spec: Mapping[str, TensorSpec]) -> ParameterSet:
         arrays[name] = part.astype(as_dtype(s.dtype))
         start += s.size
     return ParameterSet(arrays)
+
+
+# A secure round carries each client's training loss in two more values
+# after its update, so that the server learns their weighted mean and
+# nothing else, as it learns only the mean update: whether the client
+# reported a loss (c for yes, 0 for no) and the loss mapped from
+# [0, _LOSS_CEILING] onto [0, c]. Both are weighted and summed like the
+# update. Losses above the ceiling count as the ceiling.
+LOSS_VALUES = 2
+_LOSS_CEILING = 100.0
+
+
+def with_loss(update: Array, loss: float | None, clip: float) -> Array:
+    """Return the flat `update` followed by the `LOSS_VALUES` that carry `loss` (None: none).
+
+    Args:
+        update: the flat update (`flatten`).
+        loss: the client's training loss; None or NaN when it has none.
+        clip: c, the round's clipping bound.
+    """
+    if loss is None or not math.isfinite(loss):
+        tail = [0.0, 0.0]
+    else:
+        tail = [clip, min(max(loss, 0.0), _LOSS_CEILING) / _LOSS_CEILING * clip]
+    return np.concatenate([np.asarray(update, dtype=np.float64), tail])
+
+
+def loss_of(mean: Array, clip: float) -> float:
+    """Return the weighted mean training loss that the mean vector's last values carry.
+
+    NaN when (nearly) no weight reported a loss: the "reported" value is then
+    within the rounding noise of zero.
+    """
+    reported, scaled = float(mean[-2]), float(mean[-1])
+    if reported <= clip * 1e-6:
+        return math.nan
+    return scaled / reported * _LOSS_CEILING

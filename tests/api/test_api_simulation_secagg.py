@@ -26,6 +26,10 @@ def test_secure_simulation_reaches_the_plain_accuracy_with_the_same_seeds() -> N
     assert abs(secure.accuracy - plain.accuracy) <= 0.01
     for name in plain.model:
         np.testing.assert_allclose(secure.model[name], plain.model[name], atol=1e-3)
+    # The training loss travels masked too: the aggregator learns its
+    # weighted mean, which round 1 (trained from the same model) shows equal.
+    assert secure.reports[0].train_loss == pytest.approx(plain.reports[0].train_loss, abs=1e-3)
+    assert all(np.isfinite(r.train_loss) for r in secure.reports)
 
 
 def test_secure_simulation_refuses_cohorts_below_three() -> None:

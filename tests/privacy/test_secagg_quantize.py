@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedcore import NonFiniteUpdate, ParameterSet
-from privacy.secagg import Quantization, flatten, unflatten
+from privacy.secagg import LOSS_VALUES, Quantization, flatten, loss_of, unflatten, with_loss
 
 
 def test_ring_is_just_large_enough_for_the_sum_of_all_clients() -> None:
@@ -112,3 +112,34 @@ def test_rounding_up_happens_with_the_fractional_part_as_probability() -> None:
     assert set(np.unique(codes)) == {0, 1}
     # Binomial(1e5, 3/4): standard deviation 137; five of them as tolerance.
     assert abs(int(codes.sum()) - 75_000) < 5 * 137
+
+
+def _mean_loss(q: Quantization, losses: list[float | None], weights: list[float]) -> float:
+    rng = np.random.default_rng(5)
+    update = np.zeros(10)
+    total = sum(
+        q.encode(with_loss(update, loss, q.clip), weight=w, rng=rng).astype(np.int64)
+        for loss, w in zip(losses, weights, strict=True)
+    )
+    weighted, weight = q.decode(total, clients=len(losses))
+    return loss_of(weighted / weight, q.clip)
+
+
+def test_the_training_loss_sums_to_its_weighted_mean_over_the_clients_that_report_it() -> None:
+    q = Quantization(clip=0.5, value_bits=20, max_weight=100.0)
+    weights = [10.0, 30.0, 60.0, 45.0]
+    # Client 3 has no loss (None): it weighs in neither sum; a loss over the
+    # ceiling of 100 counts as 100.
+    losses: list[float | None] = [2.0, 1.0, 0.5, None]
+    expected = (10 * 2.0 + 30 * 1.0 + 60 * 0.5) / 100
+    assert _mean_loss(q, losses, weights) == pytest.approx(expected, abs=1e-3)
+    assert _mean_loss(q, [250.0, 50.0], [1.0, 1.0]) == pytest.approx(75.0, abs=1e-2)
+    assert np.isnan(_mean_loss(q, [None, float("nan")], [5.0, 5.0]))
+
+
+def test_with_loss_appends_the_values_after_the_update() -> None:
+    update = np.arange(3, dtype=np.float32)
+    vector = with_loss(update, 25.0, clip=2.0)
+    assert vector.shape == (3 + LOSS_VALUES,)
+    np.testing.assert_array_equal(vector, [0.0, 1.0, 2.0, 2.0, 0.5])
+    np.testing.assert_array_equal(with_loss(update, None, clip=2.0)[3:], [0.0, 0.0])
