@@ -21,9 +21,9 @@ calls with Python between them, so threads would queue for the GIL. Why
 a process that holds CUDA state breaks the child, so the pool is for CPU
 training only, on platforms that have `fork`.
 
-Messages are frames of bytes (`Connection.send_bytes`): a JSON header, then
-safetensors bytes for models and updates, never pickle. A worker gets a
-round's jobs in one frame. It answers each job with the update as a client
+Messages are `fedcore.forked` messages: a JSON header, then safetensors
+bytes for models and updates, never pickle. A worker gets a round's jobs in
+one message. It answers each job with the update as a client
 would upload it (the delta in safetensors, its `UpdateMeta` in the
 metadata), so the parent hands those bytes to the aggregator as they are,
 and it sends its answers in batches, so that the parent, which has the
@@ -34,11 +34,9 @@ on what it holds), so a worker that is ahead does not wait for it.
 
 from __future__ import annotations
 
-import json
 import select
-import struct
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -47,7 +45,7 @@ import torch
 
 from clients.trainer import Trainer
 from fedcore import UPDATE_META_KEY, ParameterSet, TrainConfig, UpdateMeta, wire
-from fedcore.forked import ForkedWorkers, fork_available
+from fedcore.forked import ForkedWorkers, fork_available, pack, unpack
 
 __all__ = ["TrainingJob", "TrainingPool", "fork_available"]
 
@@ -88,15 +86,17 @@ class TrainingPool:
         self._workers = ForkedWorkers(
             workers, _serve, lambda _: (trainers,), name="fedcore-trainer"
         )
-        self._conns = self._workers.conns
         # The model version each worker holds, so each gets a model once.
         self._versions: list[str | None] = [None] * workers
-        # Answers read ahead, per worker, in the order the worker sent them.
-        self._inbox: list[deque[memoryview]] = [deque() for _ in range(workers)]
+        # Answers read ahead, per worker, in the order the worker sent them:
+        # (its row: the metadata or the error, the update's bytes).
+        self._inbox: list[deque[tuple[dict[str, Any], memoryview]]] = [
+            deque() for _ in range(workers)
+        ]
         self._held = 0
         self._poller = select.poll()
         self._workers_by_fd: dict[int, int] = {}
-        for index, conn in enumerate(self._conns):
+        for index, conn in enumerate(self._workers.conns):
             self._poller.register(conn.fileno(), select.POLLIN)
             self._workers_by_fd[conn.fileno()] = index
 
@@ -108,10 +108,9 @@ class TrainingPool:
 
     def close(self) -> None:
         """Stop the workers (they finish the job in hand); safe to call twice."""
-        for conn in self._conns:
+        for conn in self._workers.conns:
             self._poller.unregister(conn.fileno())
         self._workers.close()
-        self._conns = self._workers.conns
 
     def train(
         self, jobs: Sequence[TrainingJob], model: Callable[[str], bytes]
@@ -134,19 +133,20 @@ class TrainingPool:
             RuntimeError: a worker's training raised (its message is quoted)
                 or a worker died.
         """
-        if not self._conns:
+        count = len(self._workers.conns)
+        if not count:
             raise RuntimeError("the training pool is closed")
-        shares: list[list[TrainingJob]] = [[] for _ in self._conns]
+        shares: list[list[TrainingJob]] = [[] for _ in range(count)]
         for job in jobs:
-            shares[job.client % len(self._conns)].append(job)
-        owed = [0] * len(self._conns)
+            shares[job.client % count].append(job)
+        owed = [0] * count
         try:
             for worker, share in enumerate(shares):
                 if share:
                     self._send(worker, share, model)
                     owed[worker] = len(share)
             for job in jobs:
-                worker = job.client % len(self._conns)
+                worker = job.client % count
                 owed[worker] -= 1
                 update, meta = self._receive(worker, job)
                 yield job, update, meta
@@ -163,23 +163,21 @@ class TrainingPool:
         header: dict[str, Any] = {
             "jobs": [[job.client, job.round, job.config.model_dump_json()] for job in share]
         }
-        payload = b""
+        parts = []
         if self._versions[worker] != version:
             header["model"] = version
-            payload = model(version)
+            parts.append(model(version))
             self._versions[worker] = version
-        self._conns[worker].send_bytes(_frame(_JOBS, header, payload))
+        self._workers.send(worker, header, parts)
 
     def _receive(self, worker: int, job: TrainingJob) -> tuple[memoryview, UpdateMeta]:
         inbox = self._inbox[worker]
         self._read_ahead(worker if not inbox else None)
-        frame = inbox.popleft()
-        self._held -= len(frame)
-        kind, header, payload = _unframe(frame)
-        if kind == _FAILED:
-            error = header["error"]
-            raise RuntimeError(f"client {job.client}: training failed in a worker: {error}")
-        return payload, UpdateMeta.model_validate(header)
+        row, update = inbox.popleft()
+        self._held -= len(update)
+        if "error" in row:
+            raise RuntimeError(f"client {job.client}: training failed in a worker: {row['error']}")
+        return update, UpdateMeta.model_validate(row["meta"])
 
     def _read_ahead(self, needed: int | None) -> None:
         """Take the batches the workers have sent; with `needed`, wait until that worker's comes.
@@ -207,9 +205,10 @@ class TrainingPool:
         Raises:
             RuntimeError: the worker died.
         """
-        for frame in _split(self._workers.receive(worker, "training worker")):
-            self._inbox[worker].append(frame)
-            self._held += len(frame)
+        header, updates = self._workers.receive(worker, "training worker")
+        for row, update in zip(header["answers"], updates, strict=True):
+            self._inbox[worker].append((row, update))
+            self._held += len(update)
 
     def _discard(self, worker: int, count: int) -> None:
         """Drop the next `count` answers of `worker` (read or still to come)."""
@@ -218,49 +217,10 @@ class TrainingPool:
             for _ in range(count):
                 if not inbox:
                     self._take(worker)
-                self._held -= len(inbox.popleft())
+                self._held -= len(inbox.popleft()[1])
         except RuntimeError:
-            self._held -= sum(len(frame) for frame in inbox)
+            self._held -= sum(len(update) for _, update in inbox)
             inbox.clear()
-
-
-# Message kinds. A message is one frame: its kind (1 byte), the length of
-# its JSON header (4 bytes, little-endian), the header, then raw bytes (a
-# model or a delta in safetensors), so that each job and each reply costs
-# one write and one read.
-_JOBS, _TRAINED, _FAILED = b"J", b"T", b"F"
-_PREFIX = struct.Struct("<cI")
-
-
-# A worker's batch of answers is one message: each frame preceded by its
-# length (4 bytes, little-endian).
-_LENGTH = struct.Struct("<I")
-
-
-def _frame(kind: bytes, header: Mapping[str, Any], payload: bytes = b"") -> bytes:
-    head = json.dumps(header).encode()
-    return b"".join([_PREFIX.pack(kind, len(head)), head, payload])
-
-
-def _unframe(frame: bytes | memoryview) -> tuple[bytes, dict[str, Any], memoryview]:
-    kind, length = _PREFIX.unpack_from(frame)
-    end = _PREFIX.size + length
-    view = memoryview(frame)
-    header: dict[str, Any] = json.loads(bytes(view[_PREFIX.size : end]))
-    return kind, header, view[end:]
-
-
-def _batch(frames: Sequence[bytes]) -> bytes:
-    return b"".join(part for frame in frames for part in (_LENGTH.pack(len(frame)), frame))
-
-
-def _split(message: bytes) -> Iterator[memoryview]:
-    view, at = memoryview(message), 0
-    while at < len(view):
-        (length,) = _LENGTH.unpack_from(view, at)
-        at += _LENGTH.size
-        yield view[at : at + length]
-        at += length
 
 
 def _serve(conn: Connection, trainers: Sequence[Trainer]) -> None:
@@ -270,34 +230,37 @@ def _serve(conn: Connection, trainers: Sequence[Trainer]) -> None:
     configs: dict[str, TrainConfig] = {}
     while True:
         try:
-            _, header, payload = _unframe(conn.recv_bytes())
+            header, parts = unpack(conn.recv_bytes())
         except (EOFError, OSError):
             break
         if "model" in header:
-            params, _ = wire.decode(payload)
-        batch: list[bytes] = []
+            params, _ = wire.decode(parts[0])
+        rows: list[dict[str, Any]] = []
+        updates: list[bytes] = []
         size, limit = 0, 1
         jobs = header["jobs"]
         for index, (client, round_number, config_json) in enumerate(jobs):
             config = configs.get(config_json)
             if config is None:
                 config = configs[config_json] = TrainConfig.model_validate_json(config_json)
-            batch.append(_train_one(trainers[client], params, config, round_number))
-            size += len(batch[-1])
-            if len(batch) >= limit or size >= _BATCH_BYTES or index == len(jobs) - 1:
-                conn.send_bytes(_batch(batch))
-                batch, size, limit = [], 0, min(2 * limit, _BATCH_UPDATES)
+            row, update = _train_one(trainers[client], params, config, round_number)
+            rows.append(row)
+            updates.append(update)
+            size += len(update)
+            if len(rows) >= limit or size >= _BATCH_BYTES or index == len(jobs) - 1:
+                conn.send_bytes(pack({"answers": rows}, updates))
+                rows, updates, size, limit = [], [], 0, min(2 * limit, _BATCH_UPDATES)
 
 
 def _train_one(
     trainer: Trainer, params: ParameterSet | None, config: TrainConfig, round_number: int
-) -> bytes:
-    """Train one job; return the answer frame (the update and its metadata, or the error)."""
+) -> tuple[dict[str, Any], bytes]:
+    """Train one job; return its answer: the metadata (or the error) and the update."""
     try:
         if params is None:
             raise RuntimeError("no model was sent before the first job")
         trained, meta = trainer.fit(params, config, round_number=round_number)
         update = wire.encode(trained.subtract(params), {UPDATE_META_KEY: meta.model_dump_json()})
     except Exception as exc:  # noqa: BLE001 -- reported to the parent, which raises it
-        return _frame(_FAILED, {"error": repr(exc)})
-    return _frame(_TRAINED, meta.model_dump(), update)
+        return {"error": repr(exc)}, b""
+    return {"meta": meta.model_dump()}, update

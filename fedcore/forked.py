@@ -10,19 +10,23 @@ file), ignores Ctrl-C (it reaches the whole process group; the parent
 handles it and closes the pipes, which ends each worker's loop), and a
 closed parent waits for its workers, then terminates those that hang.
 
-Only bytes cross the pipes (`Connection.send_bytes`), never pickle.
+Only bytes cross the pipes, never pickle: a message (`pack`, `unpack`) is
+a JSON header and any number of byte strings (models, updates, protocol
+messages) after it, with one write and one read per message.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import signal
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["ForkedWorkers", "fork_available"]
+__all__ = ["ForkedWorkers", "fork_available", "pack", "unpack"]
 
 _JOIN_TIMEOUT_S = 5.0
 _EXIT_WAIT_S = 2.0
@@ -90,20 +94,49 @@ class ForkedWorkers:
                 proc.join()
         self.conns, self.procs = [], []
 
-    def receive(self, worker: int, what: str) -> bytes:
-        """Return the next message of `worker`.
+    def send(
+        self, worker: int, header: Mapping[str, Any], parts: Sequence[bytes | memoryview] = ()
+    ) -> None:
+        """Send `worker` one message (`pack`)."""
+        self.conns[worker].send_bytes(pack(header, parts))
+
+    def receive(self, worker: int, what: str) -> tuple[dict[str, Any], list[memoryview]]:
+        """Return the next message of `worker`, unpacked (`unpack`).
 
         Raises:
             RuntimeError: the worker died; `what` names it in the message.
         """
         try:
-            return self.conns[worker].recv_bytes()
+            return unpack(self.conns[worker].recv_bytes())
         except (EOFError, OSError) as exc:
             # The pipe closes as the process exits, a moment before the exit
             # can be collected: wait for it briefly, for its code.
             proc = self.procs[worker]
             proc.join(_EXIT_WAIT_S)
             raise RuntimeError(f"{what} {worker} died (exit code {proc.exitcode})") from exc
+
+
+# A message: the length of its JSON header (4 bytes, little-endian), the
+# header `[fields, sizes of the parts]`, then the parts back to back.
+_LENGTH = struct.Struct("<I")
+
+
+def pack(header: Mapping[str, Any], parts: Sequence[bytes | memoryview] = ()) -> bytes:
+    """Return one message: `header` (JSON-serializable) and the byte strings `parts`."""
+    head = json.dumps([header, [len(part) for part in parts]]).encode()
+    return b"".join([_LENGTH.pack(len(head)), head, *parts])
+
+
+def unpack(message: bytes) -> tuple[dict[str, Any], list[memoryview]]:
+    """Return the header and the parts (views of `message`) of a `pack`ed message."""
+    (length,) = _LENGTH.unpack_from(message)
+    end = _LENGTH.size + length
+    header, sizes = json.loads(message[_LENGTH.size : end])
+    view, parts = memoryview(message), []
+    for size in sizes:
+        parts.append(view[end : end + size])
+        end += size
+    return header, parts
 
 
 def _run(

@@ -28,9 +28,7 @@ ids, so a round's outcome does not depend on `workers` or `processes`.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from fedcore import Array
-from fedcore.forked import ForkedWorkers, fork_available
+from fedcore.forked import ForkedWorkers, fork_available, pack, unpack
 from privacy.secagg.client import SecAggClient
 from privacy.secagg.errors import ProtocolViolation
 from privacy.secagg.keys import ClientIdentity, Entropy
@@ -234,10 +232,8 @@ class _ForkedClients:
     """The client state machines in forked worker processes.
 
     Client `i` (in the order given) lives in worker `i % processes`. Each
-    stage, a worker gets one message with its clients' protocol messages and
-    answers in batches. A message is a frame: the length of a JSON header
-    (4 bytes, little-endian), the header, then the protocol messages it
-    lists by size, back to back.
+    stage, a worker gets one message (`fedcore.forked.pack`) with its
+    clients' protocol messages and answers in batches.
     """
 
     def __init__(
@@ -280,17 +276,15 @@ class _ForkedClients:
         The workers answer in batches as they go, so the caller's server
         takes the first answers while the workers compute the next.
         """
-        conns = self._workers.conns
-        shares: list[list[str]] = [[] for _ in conns]
+        count = len(self._workers.conns)
+        shares: list[list[str]] = [[] for _ in range(count)]
         for client_id in active:
             shares[self._home[client_id]].append(client_id)
-        for conn, share in zip(conns, shares, strict=True):
-            if not share:
-                continue  # a worker is sent nothing it must answer
-            messages = [inbox.get(client_id, b"") for client_id in share]
-            sizes = [[c, len(m)] for c, m in zip(share, messages, strict=True)]
-            conn.send_bytes(_frame({"op": op, "clients": sizes}, messages))
-        received: list[deque[tuple[str, _Answer]]] = [deque() for _ in conns]
+        for worker, share in enumerate(shares):
+            if share:  # a worker is sent nothing it must answer
+                messages = [inbox.get(client_id, b"") for client_id in share]
+                self._workers.send(worker, {"op": op, "clients": share}, messages)
+        received: list[deque[tuple[str, _Answer]]] = [deque() for _ in range(count)]
         for client_id in active:
             worker = self._home[client_id]
             while not received[worker]:
@@ -302,12 +296,10 @@ class _ForkedClients:
 
     def _receive(self, worker: int) -> Iterator[tuple[str, _Answer]]:
         """Read one batch of answers from `worker`."""
-        header, body = _unframe(self._workers.receive(worker, "secagg client worker"))
+        header, replies = self._workers.receive(worker, "secagg client worker")
         if "error" in header:
             raise RuntimeError(f"secagg client worker {worker} failed: {header['error']}")
-        for (client_id, seconds, refusal), reply in zip(
-            header["answers"], _pieces(body, header["sizes"]), strict=True
-        ):
+        for (client_id, seconds, refusal), reply in zip(header["answers"], replies, strict=True):
             yield (
                 client_id,
                 _Answer(None if refusal is not None else bytes(reply), refusal or "", seconds),
@@ -317,26 +309,6 @@ class _ForkedClients:
 # A worker answers a stage's first client at once, then in batches that
 # double up to this many answers.
 _BATCH = 8
-_LENGTH = struct.Struct("<I")
-
-
-def _frame(header: Mapping[str, Any], messages: Sequence[bytes]) -> bytes:
-    head = json.dumps(header).encode()
-    return b"".join([_LENGTH.pack(len(head)), head, *messages])
-
-
-def _unframe(frame: bytes) -> tuple[dict[str, Any], memoryview]:
-    (length,) = _LENGTH.unpack_from(frame)
-    end = _LENGTH.size + length
-    header: dict[str, Any] = json.loads(frame[_LENGTH.size : end])
-    return header, memoryview(frame)[end:]
-
-
-def _pieces(body: memoryview, sizes: Sequence[int]) -> Iterator[memoryview]:
-    at = 0
-    for size in sizes:
-        yield body[at : at + size]
-        at += size
 
 
 def _serve_clients(
@@ -349,20 +321,20 @@ def _serve_clients(
     worker = _Worker(setup, registry, {spec.identity.client_id: spec for spec in specs})
     while True:
         try:
-            header, body = _unframe(conn.recv_bytes())
+            header, messages = unpack(conn.recv_bytes())
         except (EOFError, OSError):
             break
         batch: list[tuple[str, _Answer]] = []
         limit = 1
         try:
-            for answered in worker.handle(header, body):
+            for answered in worker.handle(header, messages):
                 batch.append(answered)
                 if len(batch) >= limit:
                     conn.send_bytes(_answers(batch))
                     # The first answer goes at once, the next in doubling batches.
                     batch, limit = [], min(2 * limit, _BATCH)
         except Exception as exc:  # noqa: BLE001 -- reported to the parent, which raises it
-            conn.send_bytes(_frame({"error": repr(exc)}, []))
+            conn.send_bytes(pack({"error": repr(exc)}))
             continue
         if batch:
             conn.send_bytes(_answers(batch))
@@ -371,7 +343,7 @@ def _serve_clients(
 def _answers(batch: Sequence[tuple[str, _Answer]]) -> bytes:
     rows = [[c, a.seconds, None if a.reply is not None else a.refusal] for c, a in batch]
     replies = [a.reply or b"" for _, a in batch]
-    return _frame({"answers": rows, "sizes": [len(r) for r in replies]}, replies)
+    return pack({"answers": rows}, replies)
 
 
 @dataclass(slots=True)
@@ -383,10 +355,11 @@ class _Worker:
     specs: Mapping[str, SimulatedClient]
     machines: dict[str, SecAggClient] = field(default_factory=dict)
 
-    def handle(self, header: Mapping[str, Any], body: memoryview) -> Iterator[tuple[str, _Answer]]:
+    def handle(
+        self, header: Mapping[str, Any], messages: Sequence[memoryview]
+    ) -> Iterator[tuple[str, _Answer]]:
         """Run one request of the parent: build the clients, or answer a stage, client by client."""
-        listed = [(client_id, size) for client_id, size in header["clients"]]
-        ids = [client_id for client_id, _ in listed]
+        ids: list[str] = header["clients"]
         if header["op"] == "start":
             for client_id in ids:
                 machine, seconds = _start(self.setup, self.registry, self.specs[client_id])
@@ -394,7 +367,6 @@ class _Worker:
                 yield client_id, _Answer(b"", "", seconds)
             return
         stage = Stage(header["op"])
-        messages = _pieces(body, [size for _, size in listed])
         inbox = {c: bytes(message) for c, message in zip(ids, messages, strict=True)}
         for client_id in ids:
             yield client_id, _answer(self.machines, self.specs, stage, inbox, client_id)

@@ -1,4 +1,4 @@
-"""`fedcore.forked`: forked workers with a pipe each, closed cleanly."""
+"""`fedcore.forked`: forked workers with a pipe each, closed cleanly; their messages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from fedcore.forked import ForkedWorkers, fork_available
+from fedcore.forked import ForkedWorkers, fork_available, pack, unpack
 
 pytestmark = pytest.mark.skipif(not fork_available(), reason="needs the 'fork' start method")
 
@@ -15,21 +15,25 @@ pytestmark = pytest.mark.skipif(not fork_available(), reason="needs the 'fork' s
 def _echo(conn: Connection, prefix: bytes) -> None:
     while True:
         try:
-            message = conn.recv_bytes()
+            header, parts = unpack(conn.recv_bytes())
         except EOFError:
             return
-        if message == b"exit":
+        if header.get("exit"):
             os._exit(7)
-        conn.send_bytes(prefix + message + b"@" + str(os.getpid()).encode())
+        conn.send_bytes(pack({"pid": os.getpid()}, [prefix + bytes(p) for p in parts]))
 
 
 def test_each_worker_answers_on_its_own_pipe_and_close_ends_them() -> None:
     workers = ForkedWorkers(3, _echo, lambda i: (f"w{i}:".encode(),), name="echo")
-    for conn in workers.conns:
-        conn.send_bytes(b"ping")
+    for index in range(3):
+        workers.send(index, {}, [b"ping", b""])
     answers = [workers.receive(i, "echo worker") for i in range(3)]
-    assert [a.split(b"@")[0] for a in answers] == [b"w0:ping", b"w1:ping", b"w2:ping"]
-    pids = {int(a.split(b"@")[1]) for a in answers}
+    assert [[bytes(p) for p in parts] for _, parts in answers] == [
+        [b"w0:ping", b"w0:"],
+        [b"w1:ping", b"w1:"],
+        [b"w2:ping", b"w2:"],
+    ]
+    pids = {header["pid"] for header, _ in answers}
     assert len(pids) == 3
     assert os.getpid() not in pids
     processes = list(workers.procs)
@@ -42,7 +46,7 @@ def test_each_worker_answers_on_its_own_pipe_and_close_ends_them() -> None:
 
 def test_a_worker_that_died_is_reported_with_its_exit_code() -> None:
     with ForkedWorkers(2, _echo, lambda i: (b"",), name="echo") as workers:
-        workers.conns[1].send_bytes(b"exit")
+        workers.send(1, {"exit": True})
         with pytest.raises(RuntimeError, match=r"echo worker 1 died \(exit code 7\)"):
             workers.receive(1, "echo worker")
 
@@ -50,3 +54,11 @@ def test_a_worker_that_died_is_reported_with_its_exit_code() -> None:
 def test_a_count_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="workers must be >= 1"):
         ForkedWorkers(0, _echo, lambda i: (b"",), name="echo")
+
+
+def test_a_message_carries_its_header_and_parts_unchanged() -> None:
+    parts = [b"", b"\x00\xff" * 1000, memoryview(b"view")]
+    header, unpacked = unpack(pack({"op": "x", "n": [1, 2]}, parts))
+    assert header == {"op": "x", "n": [1, 2]}
+    assert [bytes(p) for p in unpacked] == [b"", b"\x00\xff" * 1000, b"view"]
+    assert unpack(pack({})) == ({}, [])
