@@ -80,8 +80,8 @@ class SimulationConfig:
     the largest ε of its clients.
 
     `workers` > 1 trains the clients of plain rounds in that many forked
-    processes (`clients.Fleet`); with every client in every round the
-    result is bit for bit that of one worker.
+    processes (`clients.Fleet`); the result is bit for bit that of one
+    worker.
     """
 
     clients: int = 100

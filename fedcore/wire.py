@@ -70,7 +70,8 @@ _BFLOAT16 = as_dtype("bfloat16")
 _FINITE_CHUNK = 1 << 20
 # Tensor layouts kept (by names, dtypes and shapes): a server sees few models.
 _CACHED_LAYOUTS = 64
-# Headers up to this size are kept parsed (by their bytes), `_CACHED_LAYOUTS` of them.
+# Tensor entries of headers up to this size are kept parsed (by their
+# text), `_CACHED_LAYOUTS` of them.
 _CACHED_HEADER_BYTES = 1 << 14
 # `json.dumps` with separators builds an encoder per call; this one is reused.
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
@@ -317,23 +318,11 @@ def _parse_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, st
         parsed = _parse_metadata_first(raw, data_len)
         if parsed is not None:
             return parsed
-    if len(raw) > _CACHED_HEADER_BYTES:
-        return _parse_new_header(raw, data_len)
-    entries, metadata = _parse_cached_header(raw, data_len)
-    return list(entries), dict(metadata)
+    return _parse_new_header(raw, data_len)
 
 
-@functools.lru_cache(maxsize=_CACHED_LAYOUTS)
-def _parse_cached_header(raw: bytes, data_len: int) -> tuple[tuple[_Entry, ...], dict[str, str]]:
-    # Headers repeat where one model's tensors travel without per-update
-    # metadata: the JSON parse and checks are then done once. Callers copy
-    # the metadata.
-    entries, metadata = _parse_new_header(raw, data_len)
-    return tuple(entries), metadata
-
-
-# The header of every update this module writes starts so: the metadata
-# first, then the tensor entries.
+# Every header this module writes starts so (the metadata first, then the
+# tensor entries), and so do most writers'; others are parsed whole.
 _METADATA_FIRST = b'{"__metadata__":'
 _DECODER = json.JSONDecoder()
 _JSON_SPACE = re.compile(r"[ \t\n\r]+")
