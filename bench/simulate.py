@@ -301,7 +301,7 @@ def report_cold(samples: list[dict[str, float]]) -> None:
     print(f"  interpreter up (first statement)       {median['start']:6.3f}")
     print(f"  + import torch                         {median['torch']:6.3f}")
     print(f"  + import api.simulation                {median['imported']:6.3f}")
-    print(f"  + load and scale digits (sklearn)      {median['data']:6.3f}")
+    print(f"  + load and scale digits                {median['data']:6.3f}")
     print(f"  + federation, 100 enrolled, fleet, round 1 open, first fit: {median['round1']:6.3f}")
     print(f"  cold start (spawn -> round 1 training) {median['round1']:6.3f}   "
           f"target < {TARGET_COLD_S} s")  # fmt: skip

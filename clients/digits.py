@@ -4,12 +4,15 @@ Everything here follows `/work/shared/data/README.md` so that runs compare
 with other frameworks on the identical task: the 80/20 stratified split
 (`random_state=0`), per-pixel standardization with the training statistics,
 the 64-64-10 ReLU MLP, and label-skew Dirichlet partitions whose JSON files
-carry a fingerprint. scikit-learn is imported only when the data is loaded.
+carry a fingerprint. The data come from scikit-learn's package, which is
+only located, not imported.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import json
 import math
 from collections.abc import Sequence
@@ -39,6 +42,7 @@ __all__ = [
 Indices = npt.NDArray[np.int64]
 
 _EPS = 1e-6
+_TEST_FRACTION = 0.2
 _FEATURES = 64
 _HIDDEN = 64
 _CLASSES = 10
@@ -60,19 +64,17 @@ class DigitsSplit:
 def load_digits_split() -> DigitsSplit:
     """Load digits, split 80/20 stratified (seed 0) and standardize per pixel.
 
+    The split equals scikit-learn's `train_test_split(x, y, test_size=0.2,
+    stratify=y, random_state=0)`, which the shared partition files index.
+
     Raises:
         ImportError: scikit-learn is not installed (`pip install fedcore[sim]`).
     """
-    # Imported here: an edge client imports this module without scikit-learn.
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:
-        raise ImportError("the digits task needs scikit-learn: pip install 'fedcore[sim]'") from exc
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.float32), y.astype(np.int64), test_size=0.2, stratify=y, random_state=0
-    )
+    x, y = _read_digits()
+    train, test = _stratified_split(y, _TEST_FRACTION, seed=0)
+    x = x.astype(np.float32)
+    y = y.astype(np.int64)
+    x_train, x_test, y_train, y_test = x[train], x[test], y[train], y[test]
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0) + _EPS
     return DigitsSplit(
@@ -81,6 +83,73 @@ def load_digits_split() -> DigitsSplit:
         x_test=((x_test - mean) / std).astype(np.float32),
         y_test=y_test,
     )
+
+
+def _read_digits() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    # The data ship with scikit-learn as a gzipped CSV (64 pixels, then the
+    # label), which `sklearn.datasets.load_digits` reads with `np.loadtxt`.
+    # It is read here the same way without importing scikit-learn: the import
+    # pulls in scipy and takes about a second, more than the whole
+    # framework's start-up. `find_spec` on a top-level package only locates
+    # it. Should a release move the file, `load_digits` reads it.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the digits task needs scikit-learn: pip install 'fedcore[sim]'")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        return np.asarray(x, np.float64), np.asarray(y, np.int64)
+    with gzip.open(path, "rt", encoding="utf-8") as text:
+        data = np.loadtxt(text, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(np.int64)
+
+
+def _stratified_split(
+    y: npt.NDArray[np.int64], test_fraction: float, seed: int
+) -> tuple[Indices, Indices]:
+    # scikit-learn's StratifiedShuffleSplit (behind `train_test_split` with
+    # `stratify`), step for step and with the same legacy RandomState draws,
+    # so that the indices are identical (tests compare them with
+    # scikit-learn's); written out for the same reason as `_read_digits`.
+    n_test = math.ceil(test_fraction * len(y))
+    n_train = len(y) - n_test
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for members, count, k, t in zip(by_class, counts, n_i, t_i, strict=True):
+        shuffled = members[rng.permutation(count)]
+        train.extend(shuffled[:k])
+        test.extend(shuffled[k : k + t])
+    return rng.permutation(train).astype(np.int64), rng.permutation(test).astype(np.int64)
+
+
+def _approximate_mode(
+    counts: npt.NDArray[np.int64], draws: int, rng: np.random.RandomState
+) -> npt.NDArray[np.int64]:
+    # scikit-learn's `_approximate_mode`: each class's share of `draws`,
+    # floored, then the leftover draws go to the largest remainders, ties
+    # broken at random.
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            now = min(len(tied), need)
+            floored[rng.choice(tied, size=now, replace=False)] += 1
+            need -= now
+            if need == 0:
+                break
+    mode: npt.NDArray[np.int64] = floored.astype(np.int64)
+    return mode
 
 
 def make_mlp(seed: int = 0) -> torch.nn.Sequential:

@@ -4,6 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from clients import TorchTrainer, digits, to_parameters
 from fedcore import TrainConfig
@@ -29,6 +31,45 @@ def test_split_has_the_reference_sizes_dtypes_and_scaling(split: digits.DigitsSp
     np.testing.assert_allclose(split.x_train.mean(axis=0), 0.0, atol=1e-5)
     varying = split.x_train.std(axis=0) > 0
     np.testing.assert_allclose(split.x_train.std(axis=0)[varying], 1.0, atol=1e-3)
+
+
+def test_split_equals_scikit_learns_load_and_train_test_split(split: digits.DigitsSplit) -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x.astype(np.float32), y.astype(np.int64), test_size=0.2, stratify=y, random_state=0
+    )
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    assert np.array_equal(split.x_train, ((x_train - mean) / std).astype(np.float32))
+    assert np.array_equal(split.x_test, ((x_test - mean) / std).astype(np.float32))
+    assert np.array_equal(split.y_train, y_train)
+    assert np.array_equal(split.y_test, y_test)
+
+
+@given(
+    counts=st.lists(st.integers(2, 40), min_size=2, max_size=8),
+    fraction=st.sampled_from([0.1, 0.2, 0.25, 1 / 3, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+    shuffle=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=60, deadline=None)
+def test_stratified_split_draws_scikit_learns_indices(
+    counts: list[int], fraction: float, seed: int, shuffle: int
+) -> None:
+    from sklearn.model_selection import train_test_split
+
+    labels = np.random.default_rng(shuffle).permutation(np.repeat(np.arange(len(counts)), counts))
+    try:
+        train, test = train_test_split(
+            np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
+        )
+    except ValueError:  # fewer test or training samples than classes
+        assume(False)
+    ours = digits._stratified_split(labels, fraction, seed)
+    assert np.array_equal(ours[0], train)
+    assert np.array_equal(ours[1], test)
 
 
 def test_mlp_has_4810_parameters_and_a_seeded_init() -> None:
