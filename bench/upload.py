@@ -99,8 +99,10 @@ def main() -> None:
 
 
 def prepare(admin: httpx.Client, url: str, model_path: Path) -> tuple[str, list[str]]:
+    # The round opens once both clients checked in (a short check-in wait
+    # could open it with one, and the measured client would wait forever).
     config = {"name": "upload", "rounds": 1, "clients_per_round": 2, "min_clients": 1,
-              "checkin_wait_s": 0.1}  # fmt: skip
+              "checkin_wait_s": 60}  # fmt: skip
     with model_path.open("rb") as model:
         files = {
             "config": (None, json.dumps(config), "application/json"),
