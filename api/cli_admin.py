@@ -30,6 +30,8 @@ federations = typer.Typer(help="Create, list and show federations.", no_args_is_
 app.add_typer(federations, name="federations")
 
 _TIMEOUT_S = 60.0
+# A model version is a SHA-256 in hex.
+_VERSION_CHARS = 64
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 FedArg = Annotated[str, typer.Argument(help="Federation id.", show_default=False)]
@@ -196,13 +198,20 @@ def models(ctx: typer.Context, fid: FedArg, json_output: JsonOpt = False) -> Non
 def download(
     ctx: typer.Context,
     fid: FedArg,
-    version: Annotated[str, typer.Argument(help="Model version (sha256).", show_default=False)],
+    version: Annotated[
+        str,
+        typer.Argument(
+            help="Model version: its sha256, a prefix of it that names one version "
+            "(as the tables show), or 'latest' for the federation's current model.",
+            show_default=False,
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
 ) -> None:
     """Download a model version as safetensors."""
     conn = _conn(ctx)
     headers = {"Authorization": f"Bearer {conn.admin_token()}"}
-    path = f"{_fed(fid)}/models/{quote(version, safe='')}"
+    path = f"{_fed(fid)}/models/{quote(_version(ctx, fid, version), safe='')}"
     try:
         with (
             httpx.Client(base_url=conn.server, headers=headers, timeout=_TIMEOUT_S) as http,
@@ -215,6 +224,24 @@ def download(
     except httpx.HTTPError as exc:
         _fail(f"download from {conn.server} failed: {exc}")
     Console(stderr=True).print(f"wrote {size} bytes to {output}")
+
+
+def _version(ctx: typer.Context, fid: str, given: str) -> str:
+    """Return the full model version that `given` names (see `download`)."""
+    if given == "latest":
+        current: str = _get(ctx, _fed(fid))["model_version"]
+        return current
+    if len(given) == _VERSION_CHARS:
+        return given
+    prefix = given.lower()
+    matches = [m["version"] for m in _get(ctx, f"{_fed(fid)}/models")]
+    matches = [v for v in matches if v.startswith(prefix)]
+    if len(matches) == 1:
+        return str(matches[0])
+    if not matches:
+        _fail(f"no model version of {fid} starts with {given!r}; `fedcore admin models {fid}` "
+              "lists them")  # fmt: skip
+    _fail(f"{given!r} starts {len(matches)} model versions of {fid}; give more characters")
 
 
 def _conn(ctx: typer.Context) -> Connection:
@@ -304,7 +331,9 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) ->
     table = Table(title=title)
     for index, column in enumerate(columns):
         # Ids are what people copy into the next command: never wrap them.
-        table.add_column(column, no_wrap=index == 0, overflow="fold")
+        # The other columns keep their header's width, so that a long id
+        # does not squeeze them to a letter per line on a narrow terminal.
+        table.add_column(column, no_wrap=index == 0, overflow="fold", min_width=len(column))
     for row in rows:
         table.add_row(*row)
     return table
@@ -380,8 +409,10 @@ def _clients_table(items: list[dict[str, Any]]) -> Table:
 
 
 def _models_table(items: list[dict[str, Any]]) -> Table:
+    # Versions shortened as in the other tables; `download` takes the prefix.
     columns = ("version", "round", "bytes", "created")
     rows = [
-        (m["version"], str(m["round"]), str(m["size_bytes"]), _when(m["created_at"])) for m in items
+        (_short(m["version"]), str(m["round"]), str(m["size_bytes"]), _when(m["created_at"]))
+        for m in items
     ]
     return _table("model versions", columns, rows)

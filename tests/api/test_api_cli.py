@@ -90,6 +90,29 @@ def test_cli_downloads_a_model_version(live: LiveServer, tmp_path: Path) -> None
     assert out.read_bytes() == (tmp_path / "init.safetensors").read_bytes()
 
 
+def test_cli_downloads_by_version_prefix_and_latest(live: LiveServer, tmp_path: Path) -> None:
+    fed = created(live, tmp_path)
+    version = json.loads(admin(live, "models", fed["id"], "--json").stdout)[0]["version"]
+    table = admin(live, "models", fed["id"]).stdout
+    by_prefix, latest = tmp_path / "prefix.safetensors", tmp_path / "latest.safetensors"
+
+    admin(live, "download", fed["id"], version[:12], "-o", str(by_prefix))
+    admin(live, "download", fed["id"], "latest", "-o", str(latest))
+    unknown = CliRunner().invoke(
+        app,
+        ["admin", "--server", live.url, "--token", live.admin_token,
+         "download", fed["id"], "zz", "-o", str(tmp_path / "x")],
+    )  # fmt: skip
+
+    initial = (tmp_path / "init.safetensors").read_bytes()
+    assert version[:12] in table
+    assert by_prefix.read_bytes() == initial
+    assert latest.read_bytes() == initial
+    assert unknown.exit_code == 1
+    assert "no model version" in unknown.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_reports_problems_and_exits_nonzero(live: LiveServer, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "", "rounds": 0, "clients_per_round": 1}))
