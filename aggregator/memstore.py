@@ -278,10 +278,11 @@ class MemoryTransaction:
         self._set(index, record.seq, None)
 
     def list_secagg_messages(
-        self, federation_id: str, round_number: int
+        self, federation_id: str, round_number: int, *, since: int = 0
     ) -> Sequence[SecAggMessageRecord]:
-        """Return a secure round's stage log in `seq` order."""
-        numbers = sorted(self._t.secagg_of.get((federation_id, round_number), ()))
+        """Return a secure round's stage log in `seq` order, from `seq` `since` on."""
+        index = self._t.secagg_of.get((federation_id, round_number), ())
+        numbers = sorted(n for n in index if n >= since)
         return [self._t.secagg[federation_id, round_number, n] for n in numbers]
 
     def add_model(self, record: ModelRecord) -> None:

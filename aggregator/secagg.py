@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -179,9 +180,7 @@ class SecureRounds:
             RoundStateError: the round is at another stage.
         """
         sender, stage, data = message.sender, message.stage, message.data
-        log = tx.list_secagg_messages(rnd.federation_id, rnd.number)
-        with self._lock:
-            machine = self._machine(tx, rnd, log)
+        with self._synced(tx, rnd) as machine:
             if machine.server.stage is not stage:
                 raise RoundStateError(
                     f"round {rnd.number} is at the {machine.server.stage or 'end'} stage, "
@@ -219,9 +218,7 @@ class SecureRounds:
             What happened, with the failure's reason (FAILED) or the
             round's unmasked sum (DONE).
         """
-        log = tx.list_secagg_messages(rnd.federation_id, rnd.number)
-        with self._lock:
-            machine = self._machine(tx, rnd, log)
+        with self._synced(tx, rnd) as machine:
             server = machine.server
             if server.stage is None:
                 return self._ended(server)
@@ -254,9 +251,8 @@ class SecureRounds:
 
     def open_stage(self, tx: Transaction, rnd: RoundRecord, client_id: str) -> Stage | None:
         """Return the stage `client_id` must answer now, or None (nothing to do)."""
-        log = tx.list_secagg_messages(rnd.federation_id, rnd.number)
-        with self._lock:
-            server = self._machine(tx, rnd, log).server
+        with self._synced(tx, rnd) as machine:
+            server = machine.server
             return server.stage if client_id in server.pending else None
 
     def outbox(
@@ -278,9 +274,7 @@ class SecureRounds:
             raise RoundStateError(f"this client was not selected for round {rnd.number}")
         if stage is Stage.ADVERTISE_KEYS:
             return self._opening(tx, rnd, noise)
-        log = tx.list_secagg_messages(rnd.federation_id, rnd.number)
-        with self._lock:
-            machine = self._machine(tx, rnd, log)
+        with self._synced(tx, rnd) as machine:
             current = machine.server.stage
             if current is not None and _ORDER.index(current) < _ORDER.index(stage):
                 return None
@@ -313,24 +307,37 @@ class SecureRounds:
         )
         return opening.model_dump_json().encode()
 
-    def _machine(
-        self, tx: Transaction, rnd: RoundRecord, log: Sequence[SecAggMessageRecord]
-    ) -> _Machine:
-        """Return the round's server, replaying whatever of `log` it lacks.
+    @contextmanager
+    def _synced(self, tx: Transaction, rnd: RoundRecord) -> Iterator[_Machine]:
+        """Hold the lock on the round's server, with every entry of the log `tx` sees applied.
 
-        The caller reads `log` before it takes `_lock`: the transaction then
-        holds the database's lock first, so threads take the two in one order.
+        Only the entries the server lacks are read: a round's log grows by a
+        message per client and stage, and every client polls. They are read
+        before the lock is taken, so that a writing transaction holds the
+        database's lock first and threads take the two in one order; if the
+        server was rebuilt in between, they are read again from its start.
         """
         key = (rnd.federation_id, rnd.number)
-        machine = self._machines.get(key)
-        if machine is None:
-            if rnd.secagg_setup is None:
-                raise RoundStateError(f"round {rnd.number} does not use secure aggregation")
-            setup = RoundSetup.from_bytes(rnd.secagg_setup)
-            registry = self._registry(tx, rnd.federation_id, setup.cohort)
-            machine = self._machines[key] = _Machine(SecAggServer(setup, registry))
-        for record in log[machine.applied :]:
-            self._replay(machine, record)
+        while True:
+            known = self._machines.get(key)
+            since = 0 if known is None else known.applied
+            log = tx.list_secagg_messages(rnd.federation_id, rnd.number, since=since)
+            with self._lock:
+                machine = self._machines.get(key) or self._new_machine(tx, rnd)
+                if machine.applied >= since:
+                    for record in log[machine.applied - since :]:
+                        self._replay(machine, record)
+                    yield machine
+                    return
+
+    def _new_machine(self, tx: Transaction, rnd: RoundRecord) -> _Machine:
+        if rnd.secagg_setup is None:
+            raise RoundStateError(f"round {rnd.number} does not use secure aggregation")
+        setup = RoundSetup.from_bytes(rnd.secagg_setup)
+        registry = self._registry(tx, rnd.federation_id, setup.cohort)
+        machine = self._machines[rnd.federation_id, rnd.number] = _Machine(
+            SecAggServer(setup, registry)
+        )
         return machine
 
     def _replay(self, machine: _Machine, record: SecAggMessageRecord) -> None:

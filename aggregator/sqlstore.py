@@ -274,14 +274,15 @@ class SqlTransaction:
         self._insert(SecAggMessageRow, SecAggMessageRow.columns(record))
 
     def list_secagg_messages(
-        self, federation_id: str, round_number: int
+        self, federation_id: str, round_number: int, *, since: int = 0
     ) -> Sequence[SecAggMessageRecord]:
-        """Return a secure round's stage log in `seq` order."""
+        """Return a secure round's stage log in `seq` order, from `seq` `since` on."""
         statement = (
             select(SecAggMessageRow)
             .where(
                 SecAggMessageRow.federation_id == federation_id,
                 SecAggMessageRow.round == round_number,
+                SecAggMessageRow.seq >= since,
             )
             .order_by(SecAggMessageRow.seq)
         )

@@ -148,9 +148,9 @@ class Transaction(Protocol):
         ...
 
     def list_secagg_messages(
-        self, federation_id: str, round_number: int
+        self, federation_id: str, round_number: int, *, since: int = 0
     ) -> Sequence[SecAggMessageRecord]:
-        """Return a secure round's stage log in `seq` order."""
+        """Return a secure round's stage log in `seq` order, from `seq` `since` on."""
         ...
 
     def add_model(self, record: ModelRecord) -> None:

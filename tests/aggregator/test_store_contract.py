@@ -385,6 +385,21 @@ def test_secagg_log_lists_entries_of_one_round_in_seq_order(store: AnyStore) -> 
     assert none == []
 
 
+def test_secagg_log_lists_the_entries_from_a_seq_on(store: AnyStore) -> None:
+    seed(store, clients=2, rounds=1)
+    written = [entry(n, sender=f"c{n % 2}") for n in range(5)]
+    with store.transaction() as tx:
+        for record in reversed(written):
+            tx.add_secagg_message(record)
+    with store.read() as tx:
+        tail = tx.list_secagg_messages("f1", 1, since=3)
+        everything = tx.list_secagg_messages("f1", 1, since=0)
+        beyond = tx.list_secagg_messages("f1", 1, since=5)
+    assert tail == written[3:]
+    assert everything == written
+    assert beyond == []
+
+
 def test_secagg_log_entries_refuse_inconsistent_fields() -> None:
     with pytest.raises(ValueError, match="close entry"):
         entry(0, sender=None, payload=b"x")
