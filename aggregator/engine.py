@@ -166,16 +166,25 @@ class RoundEngine:
         present = len(self._present.get((fed.id, rnd.number), ()))
         return present >= self.config_of(fed).min_clients
 
-    def advance(self, tx: Transaction, fed: FederationRecord, now: float) -> FederationRecord:
-        """Apply every transition that is due, under the federation's lock."""
+    def advance(
+        self, tx: Transaction, fed: FederationRecord, now: float
+    ) -> tuple[FederationRecord, bool]:
+        """Apply every transition that is due, under the federation's lock.
+
+        Returns:
+            The federation afterwards, and whether any transition was applied
+            (callers wake waiting check-ins only then).
+        """
         # Each pass applies one transition; a round can at most close, and the
         # next one open and select its cohort, in one call.
+        applied = False
         for _ in range(8):
             if fed.status is not FederationStatus.RUNNING:
-                return fed
+                return fed, applied
             rnd = current_round(tx, fed)
             if rnd is None or rnd.status not in OPEN_STAGES:
                 fed = self._open_next(tx, fed, now)
+                applied = True
                 continue
             moved = (
                 self._select(tx, fed, rnd, now)
@@ -183,9 +192,10 @@ class RoundEngine:
                 else self._settle(tx, fed, rnd, now)
             )
             if not moved:
-                return fed
+                return fed, applied
+            applied = True
             fed = federation_of(tx, fed.id)
-        return fed
+        return fed, applied
 
     def _open_next(self, tx: Transaction, fed: FederationRecord, now: float) -> FederationRecord:
         config = self.config_of(fed)

@@ -171,7 +171,7 @@ class Aggregator:
                 check_population(dp, population, secure=secure)
             fed = tx.update_federation(federation_id, status=FederationStatus.RUNNING)
             self._restart_deadline(tx, fed, now)
-            fed = self._engine.advance(tx, fed, now)
+            fed, _ = self._engine.advance(tx, fed, now)
         self._notify()
         return fed
 
@@ -414,13 +414,18 @@ class Aggregator:
         """
         message = StageMessage(client_id, parse_stage(stage), bytes(data))
         now = self._clock()
+        moved = False
         with self.store.transaction() as tx:
             fed = locked_federation(tx, federation_id)
             rnd = self._secure_round(tx, client_id, federation_id, round_number)
             verdict = self._engine.secure.receive(tx, rnd, message, now)
             if fed.status is FederationStatus.RUNNING:
-                self._engine.advance(tx, fed, now)
-        self._notify()
+                _, moved = self._engine.advance(tx, fed, now)
+        if moved:
+            # Only a transition changes what a waiting check-in is told;
+            # waking all of them for every message would have each of N
+            # clients check in again N times per stage.
+            self._notify()
         if not verdict.accepted:
             raise RoundStateError(f"the {stage} message was refused: {verdict.reason}")
 
@@ -495,21 +500,24 @@ class Aggregator:
                 raise RoundStateError(f"round {number} is not open yet")
             _check_accepting(rnd, record.client_id)
             tx.add_update(record)
+            moved = False
             if fed.status is FederationStatus.RUNNING:
-                self._engine.advance(tx, fed, now)
+                _, moved = self._engine.advance(tx, fed, now)
         self._engine.fold(record, params)
-        # The upload may have closed the round and opened the next one:
-        # wake long-polling check-ins now rather than at their next recheck.
-        self._notify()
+        if moved:
+            # The upload closed the round and opened the next one: wake
+            # long-polling check-ins now rather than at their next recheck.
+            self._notify()
         return record
 
     def _transition(
         self, federation_id: str, now: float
     ) -> tuple[FederationRecord, RoundRecord | None]:
         with self.store.transaction() as tx:
-            fed = self._engine.advance(tx, locked_federation(tx, federation_id), now)
+            fed, moved = self._engine.advance(tx, locked_federation(tx, federation_id), now)
             rnd = current_round(tx, fed)
-        self._notify()
+        if moved:
+            self._notify()
         return fed, rnd
 
     def _secure_round(

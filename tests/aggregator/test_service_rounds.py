@@ -143,6 +143,24 @@ def test_federation_runs_all_rounds_and_averages_by_example_count(
     assert InProcessTransport(agg, clients[0]).fetch_task(fid).action is TaskAction.FINISHED
 
 
+def test_only_an_upload_that_moves_the_round_wakes_waiting_check_ins(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    # Held long-polls wake when `generation` changes: an upload that leaves
+    # the round open must not wake them, or every client checks in again
+    # for every other client's upload.
+    agg = make_aggregator(Clock())
+    fid, clients = running_round(agg, 3)
+    before = agg.generation
+    submit(agg, fid, clients[0], 1, delta_for(0, 1))
+    submit(agg, fid, clients[1], 1, delta_for(1, 1))
+    unchanged = agg.generation
+    submit(agg, fid, clients[2], 1, delta_for(2, 1))
+    assert unchanged == before
+    assert agg.generation > unchanged
+    assert agg.get_round(fid, 1).status is RoundStatus.CLOSED
+
+
 def test_repeat_upload_returns_original_receipt_and_different_content_conflicts(
     make_aggregator: Callable[[Clock], Aggregator],
 ) -> None:

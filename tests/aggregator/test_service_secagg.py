@@ -221,6 +221,18 @@ def test_secure_round_releases_the_weighted_mean_and_no_plain_update_is_taken() 
     assert agg.get_round(fid, 2).status in (RoundStatus.SELECTING, RoundStatus.TRAINING)
 
 
+def test_only_the_message_that_closes_a_stage_wakes_waiting_check_ins() -> None:
+    agg = Aggregator(MemoryStore(), MemoryBlobStore(), clock=Clock())
+    fid, group = start(agg)
+    before = agg.generation
+    for member in group[:-1]:
+        answer(member, fid)
+    unchanged = agg.generation
+    answer(group[-1], fid)  # the last advertise-keys message closes the stage
+    assert unchanged == before
+    assert agg.generation > unchanged
+
+
 @pytest.mark.parametrize("stage", list(Stage))
 def test_a_dropout_at_any_stage_still_gives_the_survivors_exact_mean(stage: Stage) -> None:
     clock = Clock()
