@@ -301,10 +301,15 @@ def test_a_bad_message_excludes_its_sender_and_is_logged_without_crashing(
     np.testing.assert_allclose(flatten(new), expected_mean(group[1:]), atol=tolerance(group[1:]))
 
 
-def test_a_restart_mid_stage_rebuilds_the_round_from_its_log(tmp_path: Path) -> None:
-    clock = Clock()
+def reopen(tmp_path: Path) -> Aggregator:
+    """An aggregator on the SQLite database and blobs under `tmp_path`."""
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    first = Aggregator(SqlStore.open(url), FileBlobStore(tmp_path / "blobs"), clock=clock)
+    return Aggregator(SqlStore.open(url), FileBlobStore(tmp_path / "blobs"), clock=Clock())
+
+
+def crash_mid_masked_input(tmp_path: Path) -> tuple[str, list[Member]]:
+    """Run a secure round up to three of five masked inputs, then close the store."""
+    first = reopen(tmp_path)
     fid, group = start(first)
     for _ in range(2):  # advertise-keys and share-keys complete
         for member in group:
@@ -312,14 +317,24 @@ def test_a_restart_mid_stage_rebuilds_the_round_from_its_log(tmp_path: Path) -> 
     for member in group[:3]:  # three masked inputs, then the process dies
         answer(member, fid)
     first.store.close()
-    second = Aggregator(SqlStore.open(url), FileBlobStore(tmp_path / "blobs"), clock=clock)
+    return fid, group
+
+
+def finish_round(agg: Aggregator, fid: str, group: list[Member]) -> None:
+    """Point every member at `agg` and let them answer the rest of the round."""
     for member in group:
-        member.transport = InProcessTransport(second, member.identity.client_id)
+        member.transport = InProcessTransport(agg, member.identity.client_id)
         member.participant._transport = member.transport
     for member in group[3:]:
         answer(member, fid)
     for member in group:
         answer(member, fid)
+
+
+def test_a_restart_mid_stage_rebuilds_the_round_from_its_log(tmp_path: Path) -> None:
+    fid, group = crash_mid_masked_input(tmp_path)
+    second = reopen(tmp_path)
+    finish_round(second, fid, group)
     closed = second.get_round(fid, 1)
     assert closed.status is RoundStatus.CLOSED, closed.reason
     new = second.load_model(fid, second.get_federation(fid).model_version)
@@ -342,27 +357,12 @@ def test_the_round_server_reads_only_the_log_entries_it_lacks(
         return records
 
     monkeypatch.setattr(SqlTransaction, "list_secagg_messages", counted)
-    clock = Clock()
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    first = Aggregator(SqlStore.open(url), FileBlobStore(tmp_path / "blobs"), clock=clock)
-    fid, group = start(first)
-    for _ in range(2):
-        for member in group:
-            answer(member, fid)
-    for member in group[:3]:
-        answer(member, fid)
+    fid, group = crash_mid_masked_input(tmp_path)
     assert read == []
-    first.store.close()
-    second = Aggregator(SqlStore.open(url), FileBlobStore(tmp_path / "blobs"), clock=clock)
+    second = reopen(tmp_path)
     with second.store.read() as tx:
         logged = len(listing(tx, fid, 1))
-    for member in group:
-        member.transport = InProcessTransport(second, member.identity.client_id)
-        member.participant._transport = member.transport
-    for member in group[3:]:
-        answer(member, fid)
-    for member in group:
-        answer(member, fid)
+    finish_round(second, fid, group)
     assert second.get_round(fid, 1).status is RoundStatus.CLOSED
     assert sorted(read) == list(range(logged))
     second.store.close()
