@@ -368,6 +368,32 @@ def test_the_round_server_reads_only_the_log_entries_it_lacks(
     second.store.close()
 
 
+def test_two_workers_on_one_database_each_replay_what_the_other_logged(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Every message goes to the other worker than the one before, so each
+    # worker's round server catches up on the entries the other wrote.
+    clock = Clock()
+    workers = [
+        Aggregator(SqlStore.open(database_url), FileBlobStore(tmp_path / "blobs"), clock=clock)
+        for _ in range(2)
+    ]
+    fid, group = start(workers[0])
+    turn = 0
+    for _ in Stage:
+        for member in group:
+            turn += 1
+            member.transport = InProcessTransport(workers[turn % 2], member.identity.client_id)
+            member.participant._transport = member.transport
+            answer(member, fid)
+    closed = workers[1].get_round(fid, 1)
+    assert closed.status is RoundStatus.CLOSED, closed.reason
+    new = workers[0].load_model(fid, workers[0].get_federation(fid).model_version)
+    np.testing.assert_allclose(flatten(new), expected_mean(group), atol=tolerance(group))
+    for worker in workers:
+        worker.store.close()
+
+
 def test_no_row_blob_or_log_line_of_a_secure_round_holds_a_raw_update(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
