@@ -286,10 +286,19 @@ class SecureRounds:
                 )
             return outcome.outbox[client_id].to_bytes()
 
-    def forget(self, federation_id: str, number: int) -> None:
-        """Drop a round's server from memory (it ended, or must be rebuilt)."""
+    def forget(self, federation_id: str, number: int | None = None) -> None:
+        """Drop a round's server from memory (it ended, or must be rebuilt).
+
+        Without `number`, every round server of the federation: a write
+        transaction that failed may have changed any of them, and the next
+        call rebuilds them from the log.
+        """
         with self._lock:
-            self._machines.pop((federation_id, number), None)
+            if number is not None:
+                self._machines.pop((federation_id, number), None)
+                return
+            for key in [k for k in self._machines if k[0] == federation_id]:
+                del self._machines[key]
 
     def _ended(self, server: SecAggServer) -> tuple[Settling, str | SecAggResult | None]:
         if server.failure is not None:

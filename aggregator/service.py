@@ -16,7 +16,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import IO
 
 from aggregator.access import Access, client_of
@@ -160,7 +161,7 @@ class Aggregator:
                 (none enrolled, or δ not below 1/N).
         """
         now = self._clock()
-        with self.store.transaction() as tx:
+        with self._writing(federation_id) as tx:
             fed = locked_federation(tx, federation_id)
             if fed.status in ENDED:
                 raise FederationStateError(f"federation {federation_id} has {fed.status}")
@@ -415,7 +416,7 @@ class Aggregator:
         message = StageMessage(client_id, parse_stage(stage), bytes(data))
         now = self._clock()
         moved = False
-        with self.store.transaction() as tx:
+        with self._writing(federation_id) as tx:
             fed = locked_federation(tx, federation_id)
             rnd = self._secure_round(tx, client_id, federation_id, round_number)
             verdict = self._engine.secure.receive(tx, rnd, message, now)
@@ -513,7 +514,7 @@ class Aggregator:
     def _transition(
         self, federation_id: str, now: float
     ) -> tuple[FederationRecord, RoundRecord | None]:
-        with self.store.transaction() as tx:
+        with self._writing(federation_id) as tx:
             fed, moved = self._engine.advance(tx, locked_federation(tx, federation_id), now)
             rnd = current_round(tx, fed)
         if moved:
@@ -611,6 +612,21 @@ class Aggregator:
         if record is None:
             raise NotFound(f"federation {federation_id} has no model version {version[:80]!r}")
         return record
+
+    @contextmanager
+    def _writing(self, federation_id: str) -> Iterator[Transaction]:
+        """Open a write transaction that may move `federation_id`'s secure rounds.
+
+        Their servers take messages and close stages in memory as the
+        transaction logs them; if it does not commit, the servers are
+        dropped, to be rebuilt from the log as it is.
+        """
+        try:
+            with self.store.transaction() as tx:
+                yield tx
+        except BaseException:
+            self._engine.secure.forget(federation_id)
+            raise
 
     def _notify(self) -> None:
         with self._changed:

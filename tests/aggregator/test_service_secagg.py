@@ -394,6 +394,46 @@ def test_two_workers_on_one_database_each_replay_what_the_other_logged(
         worker.store.close()
 
 
+def test_a_stage_message_whose_transaction_fails_is_logged_when_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The round's server took the message in memory, then the transaction
+    # that logged it rolled back. The server must not keep what the log
+    # lacks: the client's retry is then logged, and a restart sees it.
+    agg = reopen(tmp_path)
+    fid, group = start(agg)
+    engine = agg._engine
+    advance = engine.advance
+    failures = [RuntimeError("the database went away")]
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return advance(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "advance", failing)
+    with pytest.raises(RuntimeError, match="went away"):
+        answer(group[0], fid)
+    answer(group[0], fid)
+    with agg.store.read() as tx:
+        logged = [m.sender for m in tx.list_secagg_messages(fid, 1)]
+    assert logged == [group[0].identity.client_id]
+    for member in group[1:]:
+        answer(member, fid)
+    agg.store.close()
+    finish = reopen(tmp_path)
+    for member in group:
+        member.transport = InProcessTransport(finish, member.identity.client_id)
+        member.participant._transport = member.transport
+    for _ in range(3):
+        for member in group:
+            answer(member, fid)
+    closed = finish.get_round(fid, 1)
+    assert closed.status is RoundStatus.CLOSED, closed.reason
+    assert closed.metrics["clients"] == 5
+    finish.store.close()
+
+
 def test_no_row_blob_or_log_line_of_a_secure_round_holds_a_raw_update(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
