@@ -64,6 +64,9 @@ __all__ = ["SecureRounds", "Settling", "StageMessage", "parse_stage", "secure_mo
 _log = logging.getLogger(__name__)
 
 _ORDER = tuple(Stage)
+# Openings kept at most: those of the rounds in flight, which `forget`
+# drops as they end; the bound covers rounds another worker ended.
+_KEPT_OPENINGS = 64
 
 
 class Settling(Enum):
@@ -128,6 +131,9 @@ class SecureRounds:
     def __init__(self, blobs: BlobStore) -> None:
         self._blobs = blobs
         self._machines: dict[tuple[str, int], _Machine] = {}
+        # Each round's advertise-keys opening, the same for its whole cohort:
+        # built once, not once per client (it lists every cohort member).
+        self._openings: dict[tuple[str, int], bytes] = {}
         # One lock for every server: the store's lock serializes writers
         # across processes, this one readers and writers inside this one.
         self._lock = threading.RLock()
@@ -296,9 +302,11 @@ class SecureRounds:
         with self._lock:
             if number is not None:
                 self._machines.pop((federation_id, number), None)
+                self._openings.pop((federation_id, number), None)
                 return
-            for key in [k for k in self._machines if k[0] == federation_id]:
-                del self._machines[key]
+            for cache in (self._machines, self._openings):
+                for key in [k for k in cache if k[0] == federation_id]:
+                    del cache[key]
 
     def _ended(self, server: SecAggServer) -> tuple[Settling, str | SecAggResult | None]:
         if server.failure is not None:
@@ -308,13 +316,26 @@ class SecureRounds:
     def _opening(self, tx: Transaction, rnd: RoundRecord, noise: DistributedNoise | None) -> bytes:
         if rnd.secagg_setup is None:
             raise RoundStateError(f"round {rnd.number} does not use secure aggregation")
+        key = (rnd.federation_id, rnd.number)
+        with self._lock:
+            cached = self._openings.get(key)
+        if cached is not None:
+            return cached
         registry = self._registry(tx, rnd.federation_id, rnd.cohort)
-        opening = SecAggSetup(
-            setup=rnd.secagg_setup,
-            registry={c: k.hex() for c, k in registry.items()},
-            distributed_dp=noise,
+        opening = (
+            SecAggSetup(
+                setup=rnd.secagg_setup,
+                registry={c: k.hex() for c, k in registry.items()},
+                distributed_dp=noise,
+            )
+            .model_dump_json()
+            .encode()
         )
-        return opening.model_dump_json().encode()
+        with self._lock:
+            while len(self._openings) >= _KEPT_OPENINGS:
+                del self._openings[next(iter(self._openings))]
+            self._openings[key] = opening
+        return opening
 
     @contextmanager
     def _synced(self, tx: Transaction, rnd: RoundRecord) -> Iterator[_Machine]:

@@ -22,6 +22,7 @@ from aggregator import (
     SqlStore,
     parse_settings,
 )
+from aggregator.secagg import SecureRounds
 from aggregator.sqlstore import SqlTransaction
 from aggregator.tables import Base
 from clients.secagg import Progress, SecureParticipant
@@ -432,6 +433,26 @@ def test_a_stage_message_whose_transaction_fails_is_logged_when_sent_again(
     assert closed.status is RoundStatus.CLOSED, closed.reason
     assert closed.metrics["clients"] == 5
     finish.store.close()
+
+
+def test_the_advertise_keys_opening_is_built_once_per_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It lists the whole cohort's identity keys: built per request, it cost
+    # every client of the round O(cohort) database rows.
+    agg = Aggregator(MemoryStore(), MemoryBlobStore(), clock=Clock())
+    fid, group = start(agg)
+    built: list[int] = []
+    registry = SecureRounds._registry
+
+    def counted(*args: Any) -> dict[str, bytes]:
+        built.append(1)
+        return registry(*args)
+
+    monkeypatch.setattr(SecureRounds, "_registry", staticmethod(counted))
+    openings = {m.transport.fetch_secagg(fid, 1, "advertise-keys") for m in group}
+    assert len(openings) == 1
+    assert len(built) == 1
 
 
 def test_no_row_blob_or_log_line_of_a_secure_round_holds_a_raw_update(
