@@ -51,6 +51,7 @@ from aggregator.store import Store, Transaction
 from fedcore import (
     UPDATE_META_KEY,
     DpSgdSettings,
+    FedcoreError,
     FederationConfig,
     FederationStateError,
     NotFound,
@@ -618,12 +619,16 @@ class Aggregator:
         """Open a write transaction that may move `federation_id`'s secure rounds.
 
         Their servers take messages and close stages in memory as the
-        transaction logs them; if it does not commit, the servers are
-        dropped, to be rebuilt from the log as it is.
+        transaction logs them; if it fails, the servers are dropped, to be
+        rebuilt from the log as it is. Not for the errors raised on purpose
+        (a late or misdirected message, an unknown round): those come before
+        any server changed, and a rebuild replays the whole log.
         """
         try:
             with self.store.transaction() as tx:
                 yield tx
+        except FedcoreError:
+            raise
         except BaseException:
             self._engine.secure.forget(federation_id)
             raise

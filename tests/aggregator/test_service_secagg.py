@@ -435,6 +435,34 @@ def test_a_stage_message_whose_transaction_fails_is_logged_when_sent_again(
     finish.store.close()
 
 
+def test_a_late_stage_message_leaves_the_round_server_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refusing it changes nothing, so nothing needs rebuilding from the log.
+    read: list[int] = []
+    listing = SqlTransaction.list_secagg_messages
+
+    def counted(self: SqlTransaction, *args: Any, **kwargs: Any) -> Any:
+        records = listing(self, *args, **kwargs)
+        read.extend(record.seq for record in records)
+        return records
+
+    agg = reopen(tmp_path)
+    fid, group = start(agg)
+    for member in group:
+        answer(member, fid)  # advertise-keys closes
+    monkeypatch.setattr(SqlTransaction, "list_secagg_messages", counted)
+    late = group[0].identity.client_id
+    with pytest.raises(RoundStateError, match="stage"):
+        agg.send_secagg(late, fid, 1, "advertise-keys", b"late")
+    for _ in range(3):
+        for member in group:
+            answer(member, fid)
+    assert agg.get_round(fid, 1).status is RoundStatus.CLOSED
+    assert read == []
+    agg.store.close()
+
+
 def test_the_advertise_keys_opening_is_built_once_per_round(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
