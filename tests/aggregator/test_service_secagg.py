@@ -321,11 +321,31 @@ def crash_mid_masked_input(tmp_path: Path) -> tuple[str, list[Member]]:
     return fid, group
 
 
+@pytest.fixture
+def log_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The `seq` of every stage-log entry that SQL stores read from now on."""
+    read: list[int] = []
+    listing = SqlTransaction.list_secagg_messages
+
+    def counted(self: SqlTransaction, *args: Any, **kwargs: Any) -> Any:
+        records = listing(self, *args, **kwargs)
+        read.extend(record.seq for record in records)
+        return records
+
+    monkeypatch.setattr(SqlTransaction, "list_secagg_messages", counted)
+    return read
+
+
+def bind(member: Member, agg: Aggregator) -> None:
+    """Send `member`'s calls to `agg` from now on."""
+    member.transport = InProcessTransport(agg, member.identity.client_id)
+    member.participant._transport = member.transport
+
+
 def finish_round(agg: Aggregator, fid: str, group: list[Member]) -> None:
     """Point every member at `agg` and let them answer the rest of the round."""
     for member in group:
-        member.transport = InProcessTransport(agg, member.identity.client_id)
-        member.participant._transport = member.transport
+        bind(member, agg)
     for member in group[3:]:
         answer(member, fid)
     for member in group:
@@ -344,28 +364,20 @@ def test_a_restart_mid_stage_rebuilds_the_round_from_its_log(tmp_path: Path) -> 
 
 
 def test_the_round_server_reads_only_the_log_entries_it_lacks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log_reads: list[int]
 ) -> None:
     # Every check-in and stage message used to read the round's whole log:
     # quadratic in the cohort. Now a server in memory reads nothing it wrote
     # itself, and one rebuilt after a restart reads each entry once.
-    read: list[int] = []
-    listing = SqlTransaction.list_secagg_messages
-
-    def counted(self: SqlTransaction, *args: Any, **kwargs: Any) -> Any:
-        records = listing(self, *args, **kwargs)
-        read.extend(record.seq for record in records)
-        return records
-
-    monkeypatch.setattr(SqlTransaction, "list_secagg_messages", counted)
     fid, group = crash_mid_masked_input(tmp_path)
-    assert read == []
+    assert log_reads == []
     second = reopen(tmp_path)
     with second.store.read() as tx:
-        logged = len(listing(tx, fid, 1))
+        logged = len(tx.list_secagg_messages(fid, 1))
+    log_reads.clear()
     finish_round(second, fid, group)
     assert second.get_round(fid, 1).status is RoundStatus.CLOSED
-    assert sorted(read) == list(range(logged))
+    assert sorted(log_reads) == list(range(logged))
     second.store.close()
 
 
@@ -384,8 +396,7 @@ def test_two_workers_on_one_database_each_replay_what_the_other_logged(
     for _ in Stage:
         for member in group:
             turn += 1
-            member.transport = InProcessTransport(workers[turn % 2], member.identity.client_id)
-            member.participant._transport = member.transport
+            bind(member, workers[turn % 2])
             answer(member, fid)
     closed = workers[1].get_round(fid, 1)
     assert closed.status is RoundStatus.CLOSED, closed.reason
@@ -424,8 +435,7 @@ def test_a_stage_message_whose_transaction_fails_is_logged_when_sent_again(
     agg.store.close()
     finish = reopen(tmp_path)
     for member in group:
-        member.transport = InProcessTransport(finish, member.identity.client_id)
-        member.participant._transport = member.transport
+        bind(member, finish)
     for _ in range(3):
         for member in group:
             answer(member, fid)
@@ -436,22 +446,14 @@ def test_a_stage_message_whose_transaction_fails_is_logged_when_sent_again(
 
 
 def test_a_late_stage_message_leaves_the_round_server_in_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log_reads: list[int]
 ) -> None:
     # Refusing it changes nothing, so nothing needs rebuilding from the log.
-    read: list[int] = []
-    listing = SqlTransaction.list_secagg_messages
-
-    def counted(self: SqlTransaction, *args: Any, **kwargs: Any) -> Any:
-        records = listing(self, *args, **kwargs)
-        read.extend(record.seq for record in records)
-        return records
-
     agg = reopen(tmp_path)
     fid, group = start(agg)
     for member in group:
         answer(member, fid)  # advertise-keys closes
-    monkeypatch.setattr(SqlTransaction, "list_secagg_messages", counted)
+    log_reads.clear()
     late = group[0].identity.client_id
     with pytest.raises(RoundStateError, match="stage"):
         agg.send_secagg(late, fid, 1, "advertise-keys", b"late")
@@ -459,7 +461,7 @@ def test_a_late_stage_message_leaves_the_round_server_in_memory(
         for member in group:
             answer(member, fid)
     assert agg.get_round(fid, 1).status is RoundStatus.CLOSED
-    assert read == []
+    assert log_reads == []
     agg.store.close()
 
 
