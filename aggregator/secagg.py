@@ -174,7 +174,7 @@ class SecureRounds:
         registry = self._registry(tx, rnd.federation_id, rnd.cohort)
         with self._lock:
             server = SecAggServer(setup, registry)
-            self._machines[rnd.federation_id, rnd.number] = _Machine(server)
+            self._hold(rnd, _Machine(server))
         return setup
 
     def receive(
@@ -365,10 +365,27 @@ class SecureRounds:
             raise RoundStateError(f"round {rnd.number} does not use secure aggregation")
         setup = RoundSetup.from_bytes(rnd.secagg_setup)
         registry = self._registry(tx, rnd.federation_id, setup.cohort)
-        machine = self._machines[rnd.federation_id, rnd.number] = _Machine(
-            SecAggServer(setup, registry)
-        )
+        return self._hold(rnd, _Machine(SecAggServer(setup, registry)))
+
+    def _hold(self, rnd: RoundRecord, machine: _Machine) -> _Machine:
+        """Keep `machine` as `rnd`'s server, dropping the federation's earlier rounds'.
+
+        A federation's rounds run one after another, so once a later round
+        has a server the earlier ones are over. The worker that ended one
+        dropped its server then (`forget`); another worker of the same
+        database would otherwise hold its copy, cohort-sized, for good.
+        """
+        fid = rnd.federation_id
+        for cache in (self._machines, self._openings):
+            for key in [k for k in cache if k[0] == fid and k[1] < rnd.number]:
+                del cache[key]
+        self._machines[fid, rnd.number] = machine
         return machine
+
+    def held(self) -> list[tuple[str, int]]:
+        """Return the (federation, round) of every round server this process holds."""
+        with self._lock:
+            return list(self._machines)
 
     def _replay(self, machine: _Machine, record: SecAggMessageRecord) -> None:
         if record.entry is SecAggEntry.CLOSE:

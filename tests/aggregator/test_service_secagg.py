@@ -402,6 +402,15 @@ def test_two_workers_on_one_database_each_replay_what_the_other_logged(
     assert closed.status is RoundStatus.CLOSED, closed.reason
     new = workers[0].load_model(fid, workers[0].get_federation(fid).model_version)
     np.testing.assert_allclose(flatten(new), expected_mean(group), atol=tolerance(group))
+    # Round 2 through both workers: neither keeps its server of round 1,
+    # whichever of them ended it.
+    for _ in range(2):
+        for member in group:
+            turn += 1
+            bind(member, workers[turn % 2])
+            answer(member, fid)
+    assert workers[0].get_round(fid, 2).secagg_setup is not None
+    assert [w._engine.secure.held() for w in workers] == [[(fid, 2)], [(fid, 2)]]
     for worker in workers:
         worker.store.close()
 
