@@ -120,6 +120,36 @@ class RoundEngine:
         self._configs: dict[str, FederationSettings] = {}
         self.secure = SecureRounds(blobs)
 
+    def release(self, federation_id: str, current: RoundRecord | None) -> None:
+        """Drop what this process keeps for the federation's rounds that ended before `current`.
+
+        The worker that ends a round drops its caches then; with several
+        workers on one database the others learn it from the round records
+        they read (`current`, the federation's latest round, and whether it
+        is still open), and call this: an aggregate kept for a round that
+        another worker closed holds 8 bytes per parameter. Later rounds than
+        `current` are kept: the record may be older than this process's
+        caches.
+        """
+        if current is None:
+            return
+        latest, still_open = current.number, current.status in OPEN_STAGES
+
+        def ended(number: int) -> bool:
+            return number < latest or (number == latest and not still_open)
+
+        with self._running_lock:
+            for key in [k for k in self._running if k[0] == federation_id and ended(k[1])]:
+                del self._running[key]
+        for key in [k for k in list(self._present) if k[0] == federation_id and ended(k[1])]:
+            self._present.pop(key, None)
+        self.secure.release(federation_id, ended)
+
+    def aggregating(self) -> list[tuple[str, int]]:
+        """Return the (federation, round) of every running aggregate this process keeps."""
+        with self._running_lock:
+            return list(self._running)
+
     def note_present(self, federation_id: str, number: int, client_id: str) -> None:
         """Remember that a client checked in while round `number` was selecting."""
         self._present.setdefault((federation_id, number), set()).add(client_id)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -368,19 +368,20 @@ class SecureRounds:
         return self._hold(rnd, _Machine(SecAggServer(setup, registry)))
 
     def _hold(self, rnd: RoundRecord, machine: _Machine) -> _Machine:
-        """Keep `machine` as `rnd`'s server, dropping the federation's earlier rounds'.
-
-        A federation's rounds run one after another, so once a later round
-        has a server the earlier ones are over. The worker that ended one
-        dropped its server then (`forget`); another worker of the same
-        database would otherwise hold its copy, cohort-sized, for good.
-        """
-        fid = rnd.federation_id
-        for cache in (self._machines, self._openings):
-            for key in [k for k in cache if k[0] == fid and k[1] < rnd.number]:
-                del cache[key]
-        self._machines[fid, rnd.number] = machine
+        self._machines[rnd.federation_id, rnd.number] = machine
         return machine
+
+    def release(self, federation_id: str, ended: Callable[[int], bool]) -> None:
+        """Drop the federation's round servers and openings of the rounds that `ended`.
+
+        The worker that ends a round drops its server then (`forget`), but
+        another worker of the same database holds its copy, cohort-sized,
+        until told.
+        """
+        with self._lock:
+            for cache in (self._machines, self._openings):
+                for key in [k for k in cache if k[0] == federation_id and ended(k[1])]:
+                    del cache[key]
 
     def held(self) -> list[tuple[str, int]]:
         """Return the (federation, round) of every round server this process holds."""

@@ -274,6 +274,7 @@ class Aggregator:
             client = client_of(tx, client_id, federation_id)
             fed = federation_of(tx, federation_id)
             rnd = current_round(tx, fed)
+        self._engine.release(fed.id, rnd)
         if client.last_seen < now - _TOUCH_EVERY_S:
             # Written at most every `_TOUCH_EVERY_S`: most check-ins only read.
             with self.store.transaction() as tx:

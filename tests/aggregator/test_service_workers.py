@@ -78,5 +78,12 @@ def test_two_workers_close_each_round_exactly_once(database_url: str, tmp_path: 
     step = float(np.sum(weights * 0.01 * weights) / weights.sum())
     final = workers[0].load_model(fid, fed.model_version)
     np.testing.assert_allclose(final["w"], np.full(4, ROUNDS * step), rtol=1e-6)
+    # Whichever worker closed a round, neither keeps its aggregate once a
+    # check-in showed it the round is over.
+    for worker in workers:
+        assert InProcessTransport(worker, clients[0]).fetch_task(fid).action is (
+            TaskAction.FINISHED
+        )
+    assert [w._engine.aggregating() for w in workers] == [[], []]
     for store in stores:
         store.close()
