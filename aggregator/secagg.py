@@ -64,9 +64,6 @@ __all__ = ["SecureRounds", "Settling", "StageMessage", "parse_stage", "secure_mo
 _log = logging.getLogger(__name__)
 
 _ORDER = tuple(Stage)
-# Openings kept at most: those of the rounds in flight, which `forget`
-# drops as they end; the bound covers rounds another worker ended.
-_KEPT_OPENINGS = 64
 
 
 class Settling(Enum):
@@ -174,7 +171,7 @@ class SecureRounds:
         registry = self._registry(tx, rnd.federation_id, rnd.cohort)
         with self._lock:
             server = SecAggServer(setup, registry)
-            self._hold(rnd, _Machine(server))
+            self._machines[rnd.federation_id, rnd.number] = _Machine(server)
         return setup
 
     def receive(
@@ -299,14 +296,7 @@ class SecureRounds:
         transaction that failed may have changed any of them, and the next
         call rebuilds them from the log.
         """
-        with self._lock:
-            if number is not None:
-                self._machines.pop((federation_id, number), None)
-                self._openings.pop((federation_id, number), None)
-                return
-            for cache in (self._machines, self._openings):
-                for key in [k for k in cache if k[0] == federation_id]:
-                    del cache[key]
+        self.release(federation_id, lambda n: number is None or n == number)
 
     def _ended(self, server: SecAggServer) -> tuple[Settling, str | SecAggResult | None]:
         if server.failure is not None:
@@ -332,8 +322,6 @@ class SecureRounds:
             .encode()
         )
         with self._lock:
-            while len(self._openings) >= _KEPT_OPENINGS:
-                del self._openings[next(iter(self._openings))]
             self._openings[key] = opening
         return opening
 
@@ -365,18 +353,17 @@ class SecureRounds:
             raise RoundStateError(f"round {rnd.number} does not use secure aggregation")
         setup = RoundSetup.from_bytes(rnd.secagg_setup)
         registry = self._registry(tx, rnd.federation_id, setup.cohort)
-        return self._hold(rnd, _Machine(SecAggServer(setup, registry)))
-
-    def _hold(self, rnd: RoundRecord, machine: _Machine) -> _Machine:
-        self._machines[rnd.federation_id, rnd.number] = machine
+        machine = self._machines[rnd.federation_id, rnd.number] = _Machine(
+            SecAggServer(setup, registry)
+        )
         return machine
 
     def release(self, federation_id: str, ended: Callable[[int], bool]) -> None:
         """Drop the federation's round servers and openings of the rounds that `ended`.
 
-        The worker that ends a round drops its server then (`forget`), but
-        another worker of the same database holds its copy, cohort-sized,
-        until told.
+        The worker that ends a round drops them then (`forget`); another
+        worker of the same database holds its copies, cohort-sized, until
+        its check-ins show the round ended (`RoundEngine.release`).
         """
         with self._lock:
             for cache in (self._machines, self._openings):

@@ -233,11 +233,10 @@ def _version(ctx: typer.Context, fid: str, given: str) -> str:
         return current
     if len(given) == _VERSION_CHARS:
         return given
-    prefix = given.lower()
-    matches = [m["version"] for m in _get(ctx, f"{_fed(fid)}/models")]
-    matches = [v for v in matches if v.startswith(prefix)]
+    versions: list[str] = [m["version"] for m in _get(ctx, f"{_fed(fid)}/models")]
+    matches = [v for v in versions if v.startswith(given.lower())]
     if len(matches) == 1:
-        return str(matches[0])
+        return matches[0]
     if not matches:
         _fail(f"no model version of {fid} starts with {given!r}; `fedcore admin models {fid}` "
               "lists them")  # fmt: skip
