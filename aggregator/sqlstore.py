@@ -1,8 +1,9 @@
 """The SQL `Store`: SQLite in a data directory, PostgreSQL in production.
 
-Each transaction is one SQLAlchemy `Session`. Durability and the exclusion of
-concurrent round transitions come from the database, not from this process,
-so several API workers may share one database:
+Each transaction is one SQLAlchemy connection in a transaction, read and
+written with Core statements. Durability and the exclusion of concurrent
+round transitions come from the database, not from this process, so several
+API workers may share one database:
 
 - SQLite runs in WAL mode with `synchronous=FULL`, so a transaction whose
   commit returned is on disk (https://www.sqlite.org/pragma.html#pragma_synchronous),
@@ -31,14 +32,32 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    FromClause,
+    Insert,
+    Select,
+    Table,
+    Update,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
 
 from aggregator.records import (
     AdminTokenRecord,
@@ -52,7 +71,6 @@ from aggregator.records import (
 )
 from aggregator.tables import (
     AdminTokenRow,
-    Base,
     ClientRow,
     EnrollmentTokenRow,
     FederationRow,
@@ -89,22 +107,86 @@ ROUND_KEYS = frozenset({"federation_id", "number"})
 R = TypeVar("R")
 
 
-class _Row(Protocol[R]):
-    def to_record(self) -> R: ...
+class _Rows(Protocol[R]):
+    """A row class of `aggregator.tables`: its table and its record translation."""
 
-    def columns(self, record: R, /) -> dict[str, Any]: ...
+    __table__: FromClause
+
+    @staticmethod
+    def to_record(row: Any, /) -> R: ...
+
+    @staticmethod
+    def columns(record: R, /) -> dict[str, Any]: ...
+
+
+def _table(rows: _Rows[Any]) -> Table:
+    table = rows.__table__
+    assert isinstance(table, Table)  # noqa: S101 -- every row class maps one table
+    return table
+
+
+def _key_clause(table: Table) -> list[ColumnElement[bool]]:
+    """The key columns equal to the parameters `k_<column>`."""
+    return [column == bindparam(f"k_{column.key}") for column in table.primary_key]
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    """The statements of one table, built once.
+
+    A statement built per call costs more to construct and to find in the
+    compiled cache than the query itself takes in SQLite; built once, its
+    cache key is computed once.
+    """
+
+    by_key: Select[Any]
+    insert: Insert
+    update: Update
+
+    @staticmethod
+    def of(rows: _Rows[Any]) -> _Statements:
+        """Return the statements of the table of `rows`."""
+        table = _table(rows)
+        statements = _STATEMENTS.get(table)
+        if statements is None:
+            keys = {column.key for column in table.primary_key}
+            values: dict[str, Any] = {
+                c.key: bindparam(f"v_{c.key}") for c in table.columns if c.key not in keys
+            }
+            statements = _STATEMENTS[table] = _Statements(
+                by_key=select(table).where(*_key_clause(table)),
+                insert=insert(table),
+                update=update(table).where(*_key_clause(table)).values(values),
+            )
+        return statements
+
+
+_STATEMENTS: dict[Table, _Statements] = {}
+
+
+_LOCKED_FEDERATION = _Statements.of(FederationRow).by_key.with_for_update()
+_CLIENT_BY_TOKEN = select(_table(ClientRow)).where(
+    _table(ClientRow).c.token_hash == bindparam("token_hash")
+)
+_ROUND_UPDATES = select(func.count()).where(
+    _table(UpdateRow).c.federation_id == bindparam("federation_id"),
+    _table(UpdateRow).c.round == bindparam("round"),
+)
 
 
 class SqlTransaction:
-    """A `Transaction` bound to one SQLAlchemy session.
+    """A `Transaction` on one database connection, in SQLAlchemy Core.
 
-    Inserts are plain INSERT statements and updates are flushed at once, so a
-    taken key or a violated constraint raises the database's
-    `sqlalchemy.exc.IntegrityError` from the call that caused it.
+    Core statements, not ORM sessions: the records are plain values, so the
+    ORM's identity map and change tracking would only add work (a lookup by
+    key cost about three times as much through `Session.get`). Inserts and
+    updates execute at once, so a taken key or a violated constraint raises
+    the database's `sqlalchemy.exc.IntegrityError` from the call that caused
+    it.
     """
 
-    def __init__(self, session: Session, *, read_only: bool = False) -> None:
-        self._session = session
+    def __init__(self, connection: Connection, *, read_only: bool = False) -> None:
+        self._connection = connection
         self._read_only = read_only
 
     def lock_federation(self, federation_id: str) -> FederationRecord | None:
@@ -117,212 +199,221 @@ class SqlTransaction:
             # PostgreSQL refuses FOR UPDATE in a read-only transaction, but
             # SQLite has no row locks to refuse: refuse on both alike.
             raise RuntimeError("a read transaction (Store.read) cannot write or lock")
-        statement = (
-            select(FederationRow)
-            .where(FederationRow.id == federation_id)
-            .with_for_update()
-            # The row may sit in the session from before the lock: re-read it.
-            .execution_options(populate_existing=True)
-        )
-        row = self._session.scalars(statement).one_or_none()
-        return None if row is None else row.to_record()
+        return self._get(FederationRow, _LOCKED_FEDERATION, k_id=federation_id)
 
     def add_federation(self, record: FederationRecord) -> None:
         """Insert a federation."""
-        self._insert(FederationRow, FederationRow.columns(record))
+        self._insert(FederationRow, record)
 
     def get_federation(self, federation_id: str) -> FederationRecord | None:
         """Return a federation by id."""
-        row = self._session.get(FederationRow, federation_id)
-        return None if row is None else row.to_record()
+        return self._by_key(FederationRow, k_id=federation_id)
 
     def list_federations(self) -> Sequence[FederationRecord]:
         """Return all federations, oldest first."""
-        statement = select(FederationRow).order_by(FederationRow.created_at, FederationRow.id)
-        return [row.to_record() for row in self._session.scalars(statement)]
+        table = _table(FederationRow)
+        statement = select(table).order_by(table.c.created_at, table.c.id)
+        return self._list(FederationRow, statement)
 
     def update_federation(self, federation_id: str, **changes: Any) -> FederationRecord:
         """Change fields of a federation."""
-        row = self._session.get(FederationRow, federation_id)
-        return self._change(row, changes, FEDERATION_KEYS, f"federation {federation_id!r}")
+        what = f"federation {federation_id!r}"
+        return self._change(FederationRow, FEDERATION_KEYS, what, changes, k_id=federation_id)
 
     def add_client(self, record: ClientRecord) -> None:
         """Insert a client."""
-        self._insert(ClientRow, ClientRow.columns(record))
+        self._insert(ClientRow, record)
 
     def get_client(self, client_id: str) -> ClientRecord | None:
         """Return a client by id."""
-        row = self._session.get(ClientRow, client_id)
-        return None if row is None else row.to_record()
+        return self._by_key(ClientRow, k_id=client_id)
 
     def find_client_by_token(self, token_hash: str) -> ClientRecord | None:
         """Return the client whose credential hashes to `token_hash`."""
-        statement = select(ClientRow).where(ClientRow.token_hash == token_hash)
-        row = self._session.scalars(statement).one_or_none()
-        return None if row is None else row.to_record()
+        return self._get(ClientRow, _CLIENT_BY_TOKEN, token_hash=token_hash)
 
     def list_clients(self, federation_id: str) -> Sequence[ClientRecord]:
         """Return a federation's clients, oldest first (ties by id)."""
+        table = _table(ClientRow)
         statement = (
-            select(ClientRow)
-            .where(ClientRow.federation_id == federation_id)
-            .order_by(ClientRow.created_at, ClientRow.id)
+            select(table)
+            .where(table.c.federation_id == federation_id)
+            .order_by(table.c.created_at, table.c.id)
         )
-        return [row.to_record() for row in self._session.scalars(statement)]
+        return self._list(ClientRow, statement)
 
     def update_client(self, client_id: str, **changes: Any) -> ClientRecord:
         """Change fields of a client."""
-        row = self._session.get(ClientRow, client_id)
-        return self._change(row, changes, CLIENT_KEYS, f"client {client_id!r}")
+        return self._change(
+            ClientRow, CLIENT_KEYS, f"client {client_id!r}", changes, k_id=client_id
+        )
 
     def add_enrollment_token(self, record: EnrollmentTokenRecord) -> None:
         """Insert an enrollment token."""
-        self._insert(EnrollmentTokenRow, EnrollmentTokenRow.columns(record))
+        self._insert(EnrollmentTokenRow, record)
 
     def get_enrollment_token(self, token_hash: str) -> EnrollmentTokenRecord | None:
         """Return an enrollment token by hash."""
-        row = self._session.get(EnrollmentTokenRow, token_hash)
-        return None if row is None else row.to_record()
+        return self._by_key(EnrollmentTokenRow, k_token_hash=token_hash)
 
     def list_enrollment_tokens(self, federation_id: str) -> Sequence[EnrollmentTokenRecord]:
         """Return a federation's enrollment tokens, oldest first (ties by hash)."""
+        table = _table(EnrollmentTokenRow)
         statement = (
-            select(EnrollmentTokenRow)
-            .where(EnrollmentTokenRow.federation_id == federation_id)
-            .order_by(EnrollmentTokenRow.created_at, EnrollmentTokenRow.token_hash)
+            select(table)
+            .where(table.c.federation_id == federation_id)
+            .order_by(table.c.created_at, table.c.token_hash)
         )
-        return [row.to_record() for row in self._session.scalars(statement)]
+        return self._list(EnrollmentTokenRow, statement)
 
     def update_enrollment_token(self, token_hash: str, **changes: Any) -> EnrollmentTokenRecord:
         """Change fields of an enrollment token."""
-        row = self._session.get(EnrollmentTokenRow, token_hash)
         # The hash stays out of the message: it is half of a credential check.
-        return self._change(row, changes, ENROLLMENT_TOKEN_KEYS, "enrollment token")
+        return self._change(
+            EnrollmentTokenRow,
+            ENROLLMENT_TOKEN_KEYS,
+            "enrollment token",
+            changes,
+            k_token_hash=token_hash,
+        )
 
     def add_admin_token(self, record: AdminTokenRecord) -> None:
         """Insert an admin token."""
-        self._insert(AdminTokenRow, AdminTokenRow.columns(record))
+        self._insert(AdminTokenRow, record)
 
     def get_admin_token(self, token_hash: str) -> AdminTokenRecord | None:
         """Return an admin token by hash."""
-        row = self._session.get(AdminTokenRow, token_hash)
-        return None if row is None else row.to_record()
+        return self._by_key(AdminTokenRow, k_token_hash=token_hash)
 
     def count_admin_tokens(self) -> int:
         """Return how many admin tokens exist (revoked ones included)."""
-        statement = select(func.count()).select_from(AdminTokenRow)
-        return self._session.scalars(statement).one()
+        statement = select(func.count()).select_from(_table(AdminTokenRow))
+        return int(self._connection.execute(statement).scalar_one())
 
     def update_admin_token(self, token_hash: str, **changes: Any) -> AdminTokenRecord:
         """Change fields of an admin token."""
-        row = self._session.get(AdminTokenRow, token_hash)
-        return self._change(row, changes, ADMIN_TOKEN_KEYS, "admin token")
+        return self._change(
+            AdminTokenRow, ADMIN_TOKEN_KEYS, "admin token", changes, k_token_hash=token_hash
+        )
 
     def add_round(self, record: RoundRecord) -> None:
         """Insert a round."""
-        self._insert(RoundRow, RoundRow.columns(record))
+        self._insert(RoundRow, record)
 
     def get_round(self, federation_id: str, number: int) -> RoundRecord | None:
         """Return a round by federation and number."""
-        row = self._session.get(RoundRow, (federation_id, number))
-        return None if row is None else row.to_record()
+        return self._by_key(RoundRow, k_federation_id=federation_id, k_number=number)
 
     def list_rounds(self, federation_id: str) -> Sequence[RoundRecord]:
         """Return a federation's rounds by number."""
+        table = _table(RoundRow)
         statement = (
-            select(RoundRow)
-            .where(RoundRow.federation_id == federation_id)
-            .order_by(RoundRow.number)
+            select(table).where(table.c.federation_id == federation_id).order_by(table.c.number)
         )
-        return [row.to_record() for row in self._session.scalars(statement)]
+        return self._list(RoundRow, statement)
 
     def update_round(self, federation_id: str, number: int, **changes: Any) -> RoundRecord:
         """Change fields of a round."""
-        row = self._session.get(RoundRow, (federation_id, number))
         what = f"round {number} of federation {federation_id!r}"
-        return self._change(row, changes, ROUND_KEYS, what)
+        return self._change(
+            RoundRow, ROUND_KEYS, what, changes, k_federation_id=federation_id, k_number=number
+        )
 
     def add_update(self, record: UpdateRecord) -> None:
         """Insert an accepted update."""
-        self._insert(UpdateRow, UpdateRow.columns(record))
+        self._insert(UpdateRow, record)
 
     def get_update(
         self, federation_id: str, round_number: int, client_id: str
     ) -> UpdateRecord | None:
         """Return a client's update for a round."""
-        row = self._session.get(UpdateRow, (federation_id, round_number, client_id))
-        return None if row is None else row.to_record()
+        return self._by_key(
+            UpdateRow, k_federation_id=federation_id, k_round=round_number, k_client_id=client_id
+        )
 
     def list_updates(self, federation_id: str, round_number: int) -> Sequence[UpdateRecord]:
         """Return a round's updates in order of arrival (ties by client id)."""
+        table = _table(UpdateRow)
         statement = (
-            select(UpdateRow)
-            .where(UpdateRow.federation_id == federation_id, UpdateRow.round == round_number)
-            .order_by(UpdateRow.received_at, UpdateRow.client_id)
+            select(table)
+            .where(table.c.federation_id == federation_id, table.c.round == round_number)
+            .order_by(table.c.received_at, table.c.client_id)
         )
-        return [row.to_record() for row in self._session.scalars(statement)]
+        return self._list(UpdateRow, statement)
 
     def count_updates(self, federation_id: str, round_number: int) -> int:
         """Return how many updates a round holds."""
-        statement = select(func.count()).where(
-            UpdateRow.federation_id == federation_id, UpdateRow.round == round_number
+        result = self._connection.execute(
+            _ROUND_UPDATES, {"federation_id": federation_id, "round": round_number}
         )
-        return int(self._session.scalar(statement) or 0)
+        return int(result.scalar_one())
 
     def add_secagg_message(self, record: SecAggMessageRecord) -> None:
         """Append an entry to a secure round's stage log (its `seq` must be free)."""
-        self._insert(SecAggMessageRow, SecAggMessageRow.columns(record))
+        self._insert(SecAggMessageRow, record)
 
     def list_secagg_messages(
         self, federation_id: str, round_number: int, *, since: int = 0
     ) -> Sequence[SecAggMessageRecord]:
         """Return a secure round's stage log in `seq` order, from `seq` `since` on."""
+        table = _table(SecAggMessageRow)
         statement = (
-            select(SecAggMessageRow)
+            select(table)
             .where(
-                SecAggMessageRow.federation_id == federation_id,
-                SecAggMessageRow.round == round_number,
-                SecAggMessageRow.seq >= since,
+                table.c.federation_id == federation_id,
+                table.c.round == round_number,
+                table.c.seq >= since,
             )
-            .order_by(SecAggMessageRow.seq)
+            .order_by(table.c.seq)
         )
-        return [row.to_record() for row in self._session.scalars(statement)]
+        return self._list(SecAggMessageRow, statement)
 
     def add_model(self, record: ModelRecord) -> None:
         """Insert a model version."""
-        self._insert(ModelRow, ModelRow.columns(record))
+        self._insert(ModelRow, record)
 
     def get_model(self, federation_id: str, version: str) -> ModelRecord | None:
         """Return a model version of a federation."""
-        row = self._session.get(ModelRow, (federation_id, version))
-        return None if row is None else row.to_record()
+        return self._by_key(ModelRow, k_federation_id=federation_id, k_version=version)
 
     def list_models(self, federation_id: str) -> Sequence[ModelRecord]:
         """Return a federation's model versions, oldest first (ties by round, version)."""
+        table = _table(ModelRow)
         statement = (
-            select(ModelRow)
-            .where(ModelRow.federation_id == federation_id)
-            .order_by(ModelRow.created_at, ModelRow.round, ModelRow.version)
+            select(table)
+            .where(table.c.federation_id == federation_id)
+            .order_by(table.c.created_at, table.c.round, table.c.version)
         )
-        return [row.to_record() for row in self._session.scalars(statement)]
+        return self._list(ModelRow, statement)
 
-    def _insert(self, table: type[Base], values: dict[str, Any]) -> None:
-        # A Core INSERT rather than `Session.add`: a taken key then always
-        # reaches the database (IntegrityError), never the identity map.
-        self._session.execute(insert(table).values(values))
+    def _by_key(self, rows: _Rows[R], **key: Any) -> R | None:
+        """Return the record of `rows` whose key columns equal `key` (as `k_<column>`)."""
+        return self._get(rows, _Statements.of(rows).by_key, **key)
+
+    def _get(self, rows: _Rows[R], statement: Select[Any], **params: Any) -> R | None:
+        row = self._connection.execute(statement, params).one_or_none()
+        return None if row is None else rows.to_record(row)
+
+    def _list(self, rows: _Rows[R], statement: Select[Any]) -> list[R]:
+        return [rows.to_record(row) for row in self._connection.execute(statement)]
+
+    def _insert(self, rows: _Rows[R], record: R) -> None:
+        self._connection.execute(_Statements.of(rows).insert, rows.columns(record))
 
     def _change(
-        self, row: _Row[R] | None, changes: dict[str, Any], keys: frozenset[str], what: str
+        self, rows: _Rows[R], keys: frozenset[str], what: str, changes: dict[str, Any], **key: Any
     ) -> R:
-        if row is None:
+        """Apply `changes` to the record of `rows` whose key columns equal `key` (`k_<column>`)."""
+        current = self._by_key(rows, **key)
+        if current is None:
             raise NotFound(f"{what} does not exist; create it before changing it")
-        changed = _replace(row.to_record(), changes, keys)
-        # Key columns keep their values (refused above), so this only changes
-        # the rest.
-        for name, value in row.columns(changed).items():
-            setattr(row, name, value)
-        self._session.flush()
-        return row.to_record()
+        stored = rows.columns(_replace(current, changes, keys))
+        # Key columns keep their values (refused above): the statement sets the rest.
+        key_columns = {column.key for column in _table(rows).primary_key}
+        values = {f"v_{name}": value for name, value in stored.items() if name not in key_columns}
+        self._connection.execute(_Statements.of(rows).update, {**values, **key})
+        # The record as it now reads back (column values normalized, e.g. enums).
+        return rows.to_record(SimpleNamespace(**stored))
 
 
 class SqlStore:
@@ -338,9 +429,7 @@ class SqlStore:
 
     def __init__(self, url: str) -> None:
         self._engine = _create_engine(url)
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        reads = self._engine.execution_options(**{_READ_ONLY: True})
-        self._reads = sessionmaker(reads, expire_on_commit=False)
+        self._reads = self._engine.execution_options(**{_READ_ONLY: True})
         # SQLite has one writer at a time. Threads of this process queue for
         # it here and get it the moment it is free; queued on SQLite's busy
         # handler instead they sleep in steps of up to 100 ms. (Other
@@ -370,8 +459,8 @@ class SqlStore:
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
         """Open a transaction that commits on normal exit and rolls back on error."""
-        with self._writer, self._sessions.begin() as session:
-            yield SqlTransaction(session)
+        with self._writer, self._engine.begin() as connection:
+            yield SqlTransaction(connection)
 
     @contextmanager
     def read(self) -> Iterator[SqlTransaction]:
@@ -381,8 +470,8 @@ class SqlStore:
         wait for no writer) with `PRAGMA query_only` on; on PostgreSQL it
         is `READ ONLY`. A write raises the database's error.
         """
-        with self._reads.begin() as session:
-            yield SqlTransaction(session, read_only=True)
+        with self._reads.begin() as connection:
+            yield SqlTransaction(connection, read_only=True)
 
     def migrate(self) -> None:
         """Apply the Alembic migrations up to the newest revision.

@@ -2,9 +2,11 @@
 
 These rows never leave `aggregator.sqlstore`: the service core sees only the
 frozen values of `aggregator.records`. Each row class says which column values
-store a record (`columns`) and turns itself back into one (`to_record`). The
-schema itself is created by the Alembic migrations in `aggregator/migrations`,
-which a test compares to these models.
+store a record (`columns`) and turns a row of its table back into one
+(`to_record`, given a Core result row: `aggregator.sqlstore` reads and writes
+with Core statements, not the ORM's sessions). The schema itself is created
+by the Alembic migrations in `aggregator/migrations`, which a test compares
+to these models.
 """
 
 from __future__ import annotations
@@ -128,16 +130,17 @@ class FederationRow(Base):
             "current_round": record.current_round,
         }
 
-    def to_record(self) -> FederationRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> FederationRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return FederationRecord(
-            id=self.id,
-            name=self.name,
-            config_json=self.config_json,
-            status=FederationStatus(self.status),
-            model_version=self.model_version,
-            current_round=self.current_round,
-            created_at=self.created_at,
+            id=row.id,
+            name=row.name,
+            config_json=row.config_json,
+            status=FederationStatus(row.status),
+            model_version=row.model_version,
+            current_round=row.current_round,
+            created_at=row.created_at,
         )
 
 
@@ -167,16 +170,17 @@ class ClientRow(Base):
             "identity_key": record.identity_key,
         }
 
-    def to_record(self) -> ClientRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> ClientRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return ClientRecord(
-            id=self.id,
-            federation_id=self.federation_id,
-            token_hash=self.token_hash,
-            created_at=self.created_at,
-            last_seen=self.last_seen,
-            revoked=self.revoked,
-            identity_key=None if self.identity_key is None else bytes(self.identity_key),
+            id=row.id,
+            federation_id=row.federation_id,
+            token_hash=row.token_hash,
+            created_at=row.created_at,
+            last_seen=row.last_seen,
+            revoked=row.revoked,
+            identity_key=None if row.identity_key is None else bytes(row.identity_key),
         )
 
 
@@ -204,15 +208,16 @@ class EnrollmentTokenRow(Base):
             "revoked": record.revoked,
         }
 
-    def to_record(self) -> EnrollmentTokenRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> EnrollmentTokenRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return EnrollmentTokenRecord(
-            token_hash=self.token_hash,
-            federation_id=self.federation_id,
-            expires_at=self.expires_at,
-            created_at=self.created_at,
-            client_id=self.client_id,
-            revoked=self.revoked,
+            token_hash=row.token_hash,
+            federation_id=row.federation_id,
+            expires_at=row.expires_at,
+            created_at=row.created_at,
+            client_id=row.client_id,
+            revoked=row.revoked,
         )
 
 
@@ -236,13 +241,14 @@ class AdminTokenRow(Base):
             "revoked": record.revoked,
         }
 
-    def to_record(self) -> AdminTokenRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> AdminTokenRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return AdminTokenRecord(
-            token_hash=self.token_hash,
-            name=self.name,
-            created_at=self.created_at,
-            revoked=self.revoked,
+            token_hash=row.token_hash,
+            name=row.name,
+            created_at=row.created_at,
+            revoked=row.revoked,
         )
 
 
@@ -287,22 +293,23 @@ class RoundRow(Base):
             "secagg_setup": record.secagg_setup,
         }
 
-    def to_record(self) -> RoundRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> RoundRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return RoundRecord(
-            federation_id=self.federation_id,
-            number=self.number,
-            status=RoundStatus(self.status),
-            model_version=self.model_version,
-            opened_at=self.opened_at,
-            deadline=self.deadline,
-            cohort=tuple(self.cohort),
-            closed_at=self.closed_at,
-            result_version=self.result_version,
-            metrics=dict(self.metrics),
-            reason=self.reason,
-            privacy=None if self.privacy is None else RoundPrivacy.from_json(self.privacy),
-            secagg_setup=None if self.secagg_setup is None else bytes(self.secagg_setup),
+            federation_id=row.federation_id,
+            number=row.number,
+            status=RoundStatus(row.status),
+            model_version=row.model_version,
+            opened_at=row.opened_at,
+            deadline=row.deadline,
+            cohort=tuple(row.cohort),
+            closed_at=row.closed_at,
+            result_version=row.result_version,
+            metrics=dict(row.metrics),
+            reason=row.reason,
+            privacy=None if row.privacy is None else RoundPrivacy.from_json(row.privacy),
+            secagg_setup=None if row.secagg_setup is None else bytes(row.secagg_setup),
         )
 
 
@@ -340,16 +347,17 @@ class UpdateRow(Base):
             "metrics": finite_metrics(record.metrics),
         }
 
-    def to_record(self) -> UpdateRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> UpdateRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return UpdateRecord(
-            federation_id=self.federation_id,
-            round=self.round,
-            client_id=self.client_id,
-            sha256=self.sha256,
-            num_examples=self.num_examples,
-            received_at=self.received_at,
-            metrics=dict(self.metrics),
+            federation_id=row.federation_id,
+            round=row.round,
+            client_id=row.client_id,
+            sha256=row.sha256,
+            num_examples=row.num_examples,
+            received_at=row.received_at,
+            metrics=dict(row.metrics),
         )
 
 
@@ -393,19 +401,20 @@ class SecAggMessageRow(Base):
             "reason": record.reason,
         }
 
-    def to_record(self) -> SecAggMessageRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> SecAggMessageRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return SecAggMessageRecord(
-            federation_id=self.federation_id,
-            round=self.round,
-            seq=self.seq,
-            stage=self.stage,
-            entry=SecAggEntry(self.entry),
-            received_at=self.received_at,
-            sender=self.sender,
-            payload=None if self.payload is None else bytes(self.payload),
-            blob=self.blob,
-            reason=self.reason,
+            federation_id=row.federation_id,
+            round=row.round,
+            seq=row.seq,
+            stage=row.stage,
+            entry=SecAggEntry(row.entry),
+            received_at=row.received_at,
+            sender=row.sender,
+            payload=None if row.payload is None else bytes(row.payload),
+            blob=row.blob,
+            reason=row.reason,
         )
 
 
@@ -433,12 +442,13 @@ class ModelRow(Base):
             "created_at": record.created_at,
         }
 
-    def to_record(self) -> ModelRecord:
-        """Return the row as a record."""
+    @staticmethod
+    def to_record(row: Any) -> ModelRecord:
+        """Return the record a row holds: a Core result row of this table, or an instance."""
         return ModelRecord(
-            federation_id=self.federation_id,
-            version=self.version,
-            round=self.round,
-            size_bytes=self.size_bytes,
-            created_at=self.created_at,
+            federation_id=row.federation_id,
+            version=row.version,
+            round=row.round,
+            size_bytes=row.size_bytes,
+            created_at=row.created_at,
         )
