@@ -154,6 +154,14 @@ class RoundEngine:
         """Remember that a client checked in while round `number` was selecting."""
         self._present.setdefault((federation_id, number), set()).add(client_id)
 
+    def cached_config(self, federation_id: str) -> FederationSettings | None:
+        """Return a federation's parsed configuration if `config_of` parsed it before.
+
+        A configuration is fixed when its federation is created, so the copy
+        stays right.
+        """
+        return self._configs.get(federation_id)
+
     def config_of(self, fed: FederationRecord) -> FederationSettings:
         """Return the parsed configuration of a federation record (cached)."""
         # Parses the record in hand: called inside a transaction, a fresh read

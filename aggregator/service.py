@@ -150,8 +150,14 @@ class Aggregator:
             return tx.list_federations()
 
     def config(self, federation_id: str) -> FederationSettings:
-        """Return a federation's validated configuration."""
-        return self._engine.config_of(self.get_federation(federation_id))
+        """Return a federation's validated configuration.
+
+        Raises:
+            NotFound: unknown federation.
+        """
+        # Fixed at creation: once parsed, it needs no database read.
+        cached = self._engine.cached_config(federation_id)
+        return cached or self._engine.config_of(self.get_federation(federation_id))
 
     def start(self, federation_id: str) -> FederationRecord:
         """Start (or resume) a federation's rounds.
@@ -274,6 +280,7 @@ class Aggregator:
             client = client_of(tx, client_id, federation_id)
             fed = federation_of(tx, federation_id)
             rnd = current_round(tx, fed)
+            submitted: bool | None = _submitted(tx, rnd, client_id)
         self._engine.release(fed.id, rnd)
         if client.last_seen < now - _TOUCH_EVERY_S:
             # Written at most every `_TOUCH_EVERY_S`: most check-ins only read.
@@ -283,7 +290,8 @@ class Aggregator:
             self._engine.note_present(fed.id, rnd.number, client_id)
         if self._engine.due(fed, rnd, now):
             fed, rnd = self._transition(federation_id, now)
-        return self._task(fed, rnd, client_id)
+            submitted = None
+        return self._task(fed, rnd, client_id, submitted)
 
     @property
     def generation(self) -> int:
@@ -545,7 +553,18 @@ class Aggregator:
         deadline = now + (span if span is not None else config.round_timeout_s)
         tx.update_round(fed.id, rnd.number, deadline=max(rnd.deadline, deadline))
 
-    def _task(self, fed: FederationRecord, rnd: RoundRecord | None, client_id: str) -> Task:
+    def _task(
+        self,
+        fed: FederationRecord,
+        rnd: RoundRecord | None,
+        client_id: str,
+        submitted: bool | None = None,
+    ) -> Task:
+        """Return a client's task in `rnd`.
+
+        `submitted` says whether the client's update for a plain `rnd` is
+        stored, when the caller read it with `rnd`; None to read it here.
+        """
         if fed.status in ENDED:
             return self._shared_task(fed, TaskAction.FINISHED)
         wait = self._shared_task(fed, TaskAction.WAIT)
@@ -553,18 +572,14 @@ class Aggregator:
             return wait
         if rnd.status is not RoundStatus.TRAINING or client_id not in rnd.cohort:
             return wait
-        stage = None
+        if rnd.secagg_setup is None:
+            if submitted is None:
+                with self.store.read() as tx:
+                    submitted = _submitted(tx, rnd, client_id)
+            return wait if submitted else self._shared_task(fed, TaskAction.TRAIN, rnd)
         with self.store.transaction() as tx:
-            if rnd.secagg_setup is not None:
-                stage = self._engine.secure.open_stage(tx, rnd, client_id)
-                idle = stage is None
-            else:
-                idle = tx.get_update(fed.id, rnd.number, client_id) is not None
-        if idle:
-            return wait
-        if stage is None:
-            return self._shared_task(fed, TaskAction.TRAIN, rnd)
-        return self._secure_task(fed, rnd, stage)
+            stage = self._engine.secure.open_stage(tx, rnd, client_id)
+        return wait if stage is None else self._secure_task(fed, rnd, stage)
 
     def _secure_task(self, fed: FederationRecord, rnd: RoundRecord, stage: Stage) -> Task:
         return Task(
@@ -698,6 +713,15 @@ def _check_tensors(params: ParameterSet, spec: dict[str, TensorSpec]) -> None:
     """Check an update's names, shapes and dtypes against the model, and that it is finite."""
     wire.conform(params, spec)
     wire.check_finite(params)
+
+
+def _submitted(tx: Transaction, rnd: RoundRecord | None, client_id: str) -> bool:
+    """Whether `client_id` has an update stored for a plain `rnd` it trains in."""
+    if rnd is None or rnd.secagg_setup is not None or rnd.status is not RoundStatus.TRAINING:
+        return False
+    if client_id not in rnd.cohort:
+        return False
+    return tx.get_update(rnd.federation_id, rnd.number, client_id) is not None
 
 
 def _receipt(record: UpdateRecord) -> Receipt:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -98,12 +100,11 @@ async def upload_update(
     re-upload; a different one is refused with 409).
     """
     aggregator = runtime.aggregator
-    limit, repeat = await run_in_threadpool(_prepare, runtime, client.id, fid, n)
-    _check_declared_length(request, limit)
-    staged = aggregator.blobs.stage(limit)
+    repeat, staged = await run_in_threadpool(_prepare, runtime, client.id, fid, n, request)
+    submit = functools.partial(aggregator.submit_update, client.id, fid, n)
     try:
-        await _receive(request, staged)
-        receipt = await run_in_threadpool(aggregator.submit_update, client.id, fid, n, staged)
+        tail = await _receive(request, staged)
+        receipt = await run_in_threadpool(_finish, staged, tail, submit)
     except FedcoreError as exc:
         runtime.metrics.updates_rejected.labels(problem_type(exc).slug).inc()
         raise
@@ -114,18 +115,32 @@ async def upload_update(
     return JSONResponse(receipt.model_dump(mode="json"), status_code=200 if repeat else 201)
 
 
-def _prepare(runtime: Runtime, client_id: str, fid: str, n: int) -> tuple[int, bool]:
-    """Return the upload's size limit, and whether the client's update was stored before.
+def _prepare(
+    runtime: Runtime, client_id: str, fid: str, n: int, request: Request
+) -> tuple[bool, StagedBlob]:
+    """Return whether the upload is a repeat, and the blob to stage it in (at most its limit).
 
     An update stored before this request makes it a repeat (200). Two
     identical uploads racing each other may both be told 201: harmless, the
     service stores one and both receipts are equal.
+
+    Raises:
+        PayloadTooLarge: the declared length is over the limit.
     """
     aggregator = runtime.aggregator
     limit = min(aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
+    _check_declared_length(request, limit)
     with aggregator.store.read() as tx:
         repeat = tx.get_update(fid, n, client_id) is not None
-    return limit, repeat
+    # Creating the staged file touches the disk: here, off the event loop.
+    return repeat, aggregator.blobs.stage(limit)
+
+
+def _finish(staged: StagedBlob, tail: bytes, submit: Callable[[StagedBlob], Receipt]) -> Receipt:
+    """Write the last bytes of an upload and submit it, in one hand-off to a thread."""
+    if tail:
+        staged.write(tail)
+    return submit(staged)
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
@@ -136,15 +151,15 @@ def _check_declared_length(request: Request, limit: int) -> None:
         raise PayloadTooLarge(f"update of {declared} bytes exceeds the limit of {limit} bytes")
 
 
-async def _receive(request: Request, staged: StagedBlob) -> None:
+async def _receive(request: Request, staged: StagedBlob) -> bytes:
+    """Stream the body into `staged` in batches; return the last batch, not yet written."""
     pending = bytearray()
     async for chunk in request.stream():
         pending += chunk
         if len(pending) >= _BATCH:
             await run_in_threadpool(staged.write, bytes(pending))
             pending.clear()
-    if pending:
-        await run_in_threadpool(staged.write, bytes(pending))
+    return bytes(pending)
 
 
 _OCTETS = "application/octet-stream"
