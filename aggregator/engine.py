@@ -237,13 +237,14 @@ class RoundEngine:
 
     def _open_next(self, tx: Transaction, fed: FederationRecord, now: float) -> FederationRecord:
         config = self.config_of(fed)
-        rounds = tx.list_rounds(fed.id)
-        closed = sum(1 for r in rounds if r.status is RoundStatus.CLOSED)
-        if closed >= config.rounds:
+        # A count, not the rounds: their rows (cohorts, metrics) grow with the run.
+        if tx.count_rounds(fed.id, RoundStatus.CLOSED) >= config.rounds:
             return tx.update_federation(fed.id, status=FederationStatus.FINISHED)
         # Before the cohort is sampled: a round that would overshoot never starts.
         dp = config.client_level_dp
-        if dp is not None and not budget_allows(dp, rounds, self._next_event(tx, fed, dp)):
+        if dp is not None and not budget_allows(
+            dp, tx.list_rounds(fed.id), self._next_event(tx, fed, dp)
+        ):
             return tx.update_federation(fed.id, status=FederationStatus.BUDGET_EXHAUSTED)
         number = fed.current_round + 1
         tx.add_round(

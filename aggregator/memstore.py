@@ -224,6 +224,15 @@ class MemoryTransaction:
         numbers = sorted(self._t.rounds_of.get(federation_id, ()))
         return [rounds[federation_id, n] for n in numbers]
 
+    def count_rounds(self, federation_id: str, status: RoundStatus) -> int:
+        """Return how many of a federation's rounds have `status`."""
+        rounds = self._t.rounds
+        return sum(
+            1
+            for n in self._t.rounds_of.get(federation_id, ())
+            if rounds[federation_id, n].status is status
+        )
+
     def update_round(self, federation_id: str, number: int, **changes: Any) -> RoundRecord:
         """Change fields of a round."""
         key = (federation_id, number)

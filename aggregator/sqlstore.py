@@ -66,6 +66,7 @@ from aggregator.records import (
     FederationRecord,
     ModelRecord,
     RoundRecord,
+    RoundStatus,
     SecAggMessageRecord,
     UpdateRecord,
 )
@@ -167,6 +168,10 @@ _STATEMENTS: dict[Table, _Statements] = {}
 _LOCKED_FEDERATION = _Statements.of(FederationRow).by_key.with_for_update()
 _CLIENT_BY_TOKEN = select(_table(ClientRow)).where(
     _table(ClientRow).c.token_hash == bindparam("token_hash")
+)
+_ROUNDS_WITH_STATUS = select(func.count()).where(
+    _table(RoundRow).c.federation_id == bindparam("federation_id"),
+    _table(RoundRow).c.status == bindparam("status"),
 )
 _ROUND_UPDATES = select(func.count()).where(
     _table(UpdateRow).c.federation_id == bindparam("federation_id"),
@@ -311,6 +316,14 @@ class SqlTransaction:
             select(table).where(table.c.federation_id == federation_id).order_by(table.c.number)
         )
         return self._list(RoundRow, statement)
+
+    def count_rounds(self, federation_id: str, status: RoundStatus) -> int:
+        """Return how many of a federation's rounds have `status`."""
+        result = self._connection.execute(
+            _ROUNDS_WITH_STATUS,
+            {"federation_id": federation_id, "status": RoundStatus(status).value},
+        )
+        return int(result.scalar_one())
 
     def update_round(self, federation_id: str, number: int, **changes: Any) -> RoundRecord:
         """Change fields of a round."""

@@ -20,6 +20,7 @@ from aggregator.records import (
     FederationRecord,
     ModelRecord,
     RoundRecord,
+    RoundStatus,
     SecAggMessageRecord,
     UpdateRecord,
 )
@@ -119,6 +120,10 @@ class Transaction(Protocol):
 
     def list_rounds(self, federation_id: str) -> Sequence[RoundRecord]:
         """Return a federation's rounds in order."""
+        ...
+
+    def count_rounds(self, federation_id: str, status: RoundStatus) -> int:
+        """Return how many of a federation's rounds have `status`."""
         ...
 
     def update_round(self, federation_id: str, number: int, **changes: Any) -> RoundRecord:

@@ -280,6 +280,25 @@ def test_rounds_round_trip_cohort_and_metrics_and_list_by_number(store: AnyStore
     assert numbers == [1, 2, 3]
 
 
+def test_count_rounds_counts_a_federations_rounds_by_status(store: AnyStore) -> None:
+    seed(store, rounds=4)
+    with store.transaction() as tx:
+        tx.add_federation(federation("f2"))
+        tx.add_round(round_(1, fid="f2", status=RoundStatus.CLOSED))
+        tx.update_round("f1", 1, status="closed")
+        tx.update_round("f1", 2, status=RoundStatus.FAILED)
+        tx.update_round("f1", 3, status=RoundStatus.CLOSED)
+    with store.read() as tx:
+        counts = {status: tx.count_rounds("f1", status) for status in RoundStatus}
+        other = tx.count_rounds("f2", RoundStatus.CLOSED)
+        unknown = tx.count_rounds("nope", RoundStatus.CLOSED)
+    assert counts[RoundStatus.CLOSED] == 2
+    assert counts[RoundStatus.FAILED] == 1
+    assert counts[RoundStatus.TRAINING] == 1
+    assert sum(counts.values()) == 4
+    assert (other, unknown) == (1, 0)
+
+
 def test_update_round_closes_it_with_metrics_and_normalized_values(store: AnyStore) -> None:
     seed(store, rounds=1)
     metrics = {"loss": 0.125, "accuracy": 0.875, "clients": 3.0}
