@@ -157,7 +157,9 @@ class Aggregator:
         """
         # Fixed at creation: once parsed, it needs no database read.
         cached = self._engine.cached_config(federation_id)
-        return cached or self._engine.config_of(self.get_federation(federation_id))
+        if cached is not None:
+            return cached
+        return self._engine.config_of(self.get_federation(federation_id))
 
     def start(self, federation_id: str) -> FederationRecord:
         """Start (or resume) a federation's rounds.

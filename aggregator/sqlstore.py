@@ -93,8 +93,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Key of the PostgreSQL advisory lock that serializes concurrent migrations
 # (workers starting together); any constant unique to this application.
 MIGRATION_LOCK_KEY = 0x66656463  # "fedc"
-# The execution option that marks the engine of `SqlStore.read`'s sessions,
-# and the connection info key that remembers its `query_only` setting.
+# The execution option that marks the engine of `SqlStore.read`'s
+# connections, and the connection info key that remembers its `query_only`
+# setting.
 _READ_ONLY = "fedcore_read_only"
 
 # Fields that identify a row, or the federation it belongs to: `update_*`
@@ -133,7 +134,7 @@ def _key_clause(table: Table) -> list[ColumnElement[bool]]:
 
 @dataclass(frozen=True, slots=True)
 class _Statements:
-    """The statements of one table, built once.
+    """The statements of one table, built once (at import).
 
     A statement built per call costs more to construct and to find in the
     compiled cache than the query itself takes in SQLite; built once, its
@@ -147,23 +148,33 @@ class _Statements:
     @staticmethod
     def of(rows: _Rows[Any]) -> _Statements:
         """Return the statements of the table of `rows`."""
-        table = _table(rows)
-        statements = _STATEMENTS.get(table)
-        if statements is None:
-            keys = {column.key for column in table.primary_key}
-            values: dict[str, Any] = {
-                c.key: bindparam(f"v_{c.key}") for c in table.columns if c.key not in keys
-            }
-            statements = _STATEMENTS[table] = _Statements(
-                by_key=select(table).where(*_key_clause(table)),
-                insert=insert(table),
-                update=update(table).where(*_key_clause(table)).values(values),
-            )
-        return statements
+        return _STATEMENTS[_table(rows)]
+
+    @staticmethod
+    def build(table: Table) -> _Statements:
+        """Build the statements of `table`: the update sets every non-key column."""
+        keys = {column.key for column in table.primary_key}
+        values: dict[str, Any] = {
+            c.key: bindparam(f"v_{c.key}") for c in table.columns if c.key not in keys
+        }
+        return _Statements(
+            by_key=select(table).where(*_key_clause(table)),
+            insert=insert(table),
+            update=update(table).where(*_key_clause(table)).values(values),
+        )
 
 
-_STATEMENTS: dict[Table, _Statements] = {}
-
+_ROW_CLASSES: tuple[_Rows[Any], ...] = (
+    FederationRow,
+    ClientRow,
+    EnrollmentTokenRow,
+    AdminTokenRow,
+    RoundRow,
+    UpdateRow,
+    SecAggMessageRow,
+    ModelRow,
+)
+_STATEMENTS = {_table(rows): _Statements.build(_table(rows)) for rows in _ROW_CLASSES}
 
 _LOCKED_FEDERATION = _Statements.of(FederationRow).by_key.with_for_update()
 _CLIENT_BY_TOKEN = select(_table(ClientRow)).where(
