@@ -560,7 +560,7 @@ class Aggregator:
         fed: FederationRecord,
         rnd: RoundRecord | None,
         client_id: str,
-        submitted: bool | None = None,
+        submitted: bool | None,
     ) -> Task:
         """Return a client's task in `rnd`.
 

@@ -141,6 +141,7 @@ class _Statements:
     cache key is computed once.
     """
 
+    keys: frozenset[str]
     by_key: Select[Any]
     insert: Insert
     update: Update
@@ -153,11 +154,12 @@ class _Statements:
     @staticmethod
     def build(table: Table) -> _Statements:
         """Build the statements of `table`: the update sets every non-key column."""
-        keys = {column.key for column in table.primary_key}
+        keys = frozenset(column.key for column in table.primary_key)
         values: dict[str, Any] = {
             c.key: bindparam(f"v_{c.key}") for c in table.columns if c.key not in keys
         }
         return _Statements(
+            keys=keys,
             by_key=select(table).where(*_key_clause(table)),
             insert=insert(table),
             update=update(table).where(*_key_clause(table)).values(values),
@@ -432,10 +434,10 @@ class SqlTransaction:
         if current is None:
             raise NotFound(f"{what} does not exist; create it before changing it")
         stored = rows.columns(_replace(current, changes, keys))
+        statements = _Statements.of(rows)
         # Key columns keep their values (refused above): the statement sets the rest.
-        key_columns = {column.key for column in _table(rows).primary_key}
-        values = {f"v_{name}": value for name, value in stored.items() if name not in key_columns}
-        self._connection.execute(_Statements.of(rows).update, {**values, **key})
+        values = {f"v_{n}": value for n, value in stored.items() if n not in statements.keys}
+        self._connection.execute(statements.update, {**values, **key})
         # The record as it now reads back (column values normalized, e.g. enums).
         return rows.to_record(SimpleNamespace(**stored))
 
