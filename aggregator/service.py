@@ -217,6 +217,16 @@ class Aggregator:
             federation_of(tx, federation_id)
             return tx.list_rounds(federation_id)
 
+    def count_rounds(self, federation_id: str, status: RoundStatus) -> int:
+        """Return how many of a federation's rounds have `status` (a count, not the rows).
+
+        Raises:
+            NotFound: unknown federation.
+        """
+        with self.store.read() as tx:
+            federation_of(tx, federation_id)
+            return tx.count_rounds(federation_id, status)
+
     def get_round(self, federation_id: str, number: int) -> RoundRecord:
         """Return one round.
 

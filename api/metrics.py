@@ -24,6 +24,8 @@ __all__ = ["Metrics", "MetricsMiddleware"]
 
 logger = logging.getLogger(__name__)
 
+# The round statuses exported as counters.
+_ROUND_COUNTERS = (RoundStatus.CLOSED, RoundStatus.FAILED)
 # Long polls hold requests up to 30 s: the buckets reach that far.
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -107,16 +109,23 @@ def _counts(
 ) -> tuple[dict[FederationStatus, int], dict[RoundStatus, int], dict[str, float]]:
     """Count federations and rounds by status, and read each DP federation's ε spent.
 
-    A released DP round stores the ε of every round released so far in its
-    metrics (`aggregator.privacy`), so the last one holds the total.
+    Rounds are counted by the store, not listed: a scrape every few seconds
+    must not read every round's cohort and metrics of a long federation.
+    Only a federation whose rounds the aggregator accounts (central or
+    distributed DP) has its rounds read: a released DP round stores the ε
+    of every round released so far in its metrics (`aggregator.privacy`),
+    so the last one holds the total.
     """
     feds = dict.fromkeys(FederationStatus, 0)
     rounds = dict.fromkeys(RoundStatus, 0)
     spent: dict[str, float] = {}
     for fed in aggregator.list_federations():
         feds[fed.status] += 1
+        for status in _ROUND_COUNTERS:
+            rounds[status] += aggregator.count_rounds(fed.id, status)
+        if aggregator.config(fed.id).client_level_dp is None:
+            continue
         for rnd in aggregator.list_rounds(fed.id):
-            rounds[rnd.status] += 1
             if rnd.status is RoundStatus.CLOSED and rnd.privacy is not None:
                 spent[fed.id] = rnd.metrics.get("epsilon", spent.get(fed.id, 0.0))
     return feds, rounds, spent

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -301,8 +301,7 @@ def _drive(
     reports: list[RoundReport] = []
     while not fleet.finished:
         fleet.step_all()
-        rounds = aggregator.list_rounds(federation_id)
-        for record in _ended(rounds[len(reports) :]):
+        for record in _ended(aggregator, federation_id, len(reports)):
             report = _report(aggregator, record, evaluator)
             reports.append(report)
             if on_round is not None:
@@ -310,9 +309,16 @@ def _drive(
     return reports
 
 
-def _ended(rounds: Sequence[RoundRecord]) -> list[RoundRecord]:
+def _ended(aggregator: Aggregator, federation_id: str, reported: int) -> list[RoundRecord]:
+    """Return the rounds after the first `reported` that ended, up to the first still open.
+
+    Read one by one from the federation's current round: listing every
+    round after each step would read the whole history once per round.
+    """
+    current = aggregator.get_federation(federation_id).current_round
     ended = []
-    for record in rounds:
+    for number in range(reported + 1, current + 1):
+        record = aggregator.get_round(federation_id, number)
         if record.status not in (RoundStatus.CLOSED, RoundStatus.FAILED):
             break
         ended.append(record)

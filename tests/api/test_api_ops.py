@@ -69,6 +69,20 @@ def test_metrics_count_requests_updates_and_rounds(world: World) -> None:
     assert after[("fedcore_federations", (("status", "running"),))] >= 1
 
 
+def test_metrics_count_a_stopped_round_as_failed(world: World) -> None:
+    fid = world.create_federation(config("metrics-failed", clients_per_round=1))["id"]
+    world.training(fid, 1)
+    before = scrape(world.http())
+
+    stopped = world.admin.post(f"/admin/federations/{fid}/stop")
+    after = scrape(world.http())
+
+    assert stopped.status_code == 200
+    failed = ("fedcore_rounds_failed_total", ())
+    assert after.get(failed, 0.0) - before.get(failed, 0.0) == 1
+    assert after[("fedcore_federations", (("status", "stopped"),))] >= 1
+
+
 def zero_model_delta() -> dict[str, np.ndarray]:
     return {
         "w": np.zeros((3, 4), np.float32),
