@@ -13,8 +13,9 @@ API workers may share one database:
   second one wait instead of failing. Read transactions (`SqlStore.read`)
   begin deferred with `PRAGMA query_only` on: in WAL mode they wait for no
   writer, and cannot write.
-- PostgreSQL keeps its durable default (`synchronous_commit=on`), and
-  `lock_federation` takes the federation's row lock (`SELECT ... FOR UPDATE`).
+- PostgreSQL keeps its durable default (`synchronous_commit=on`),
+  `lock_federation` takes the federation's row lock (`SELECT ... FOR UPDATE`),
+  and read transactions begin `READ ONLY`.
 
 The schema comes only from the Alembic migrations (`SqlStore.migrate`, or
 `SqlStore.open` in one call), never from `create_all`, so tests exercise the
@@ -455,7 +456,7 @@ class SqlStore:
 
     def __init__(self, url: str) -> None:
         self._engine = _create_engine(url)
-        self._reads = self._engine.execution_options(**{_READ_ONLY: True})
+        self._reads = self._engine.execution_options(**_read_options(self._engine))
         # SQLite has one writer at a time. Threads of this process queue for
         # it here and get it the moment it is free; queued on SQLite's busy
         # handler instead they sleep in steps of up to 100 ms. (Other
@@ -537,12 +538,23 @@ def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         engine = create_engine(parsed, json_serializer=serializer, pool_pre_ping=True)
-        event.listen(engine, "begin", _begin_server)
+        if parsed.get_backend_name() != "postgresql":
+            event.listen(engine, "begin", _begin_server)
         return engine
     engine = create_engine(parsed, json_serializer=serializer)
     event.listen(engine, "connect", _configure_sqlite)
     event.listen(engine, "begin", _begin_sqlite)
     return engine
+
+
+def _read_options(engine: Engine) -> dict[str, Any]:
+    """Return the execution options of the engine behind `SqlStore.read`."""
+    if engine.dialect.name == "postgresql":
+        # The driver begins with `BEGIN READ ONLY`: one round trip fewer per
+        # read than a `SET TRANSACTION` after the `BEGIN`. SQLAlchemy resets
+        # it when the connection goes back to the pool.
+        return {"postgresql_readonly": True}
+    return {_READ_ONLY: True}
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -589,5 +601,6 @@ def _begin_sqlite(connection: Connection) -> None:
 
 
 def _begin_server(connection: Connection) -> None:
+    # Server databases other than PostgreSQL (see `_read_options`).
     if connection.get_execution_options().get(_READ_ONLY):
         connection.exec_driver_sql("SET TRANSACTION READ ONLY")
