@@ -29,7 +29,7 @@ from aggregator.records import (
     SecAggMessageRecord,
     UpdateRecord,
 )
-from aggregator.service import Aggregator
+from aggregator.service import Aggregator, Submission
 from aggregator.store import Store, Transaction
 from aggregator.tokens import TokenKind
 
@@ -62,6 +62,7 @@ __all__ = [
     "SqlStore",
     "StagedBlob",
     "Store",
+    "Submission",
     "TokenKind",
     "Transaction",
     "UpdateRecord",

@@ -43,9 +43,10 @@ class InProcessTransport:
         data, views = wire.encode_views(delta, metadata)
         staged = self._aggregator.blobs.stage(len(data))
         staged.write(data)
-        return self._aggregator.submit_decoded(
+        submitted = self._aggregator.submit_decoded(
             self.client_id, federation_id, round_number, staged, (views, metadata)
         )
+        return submitted.receipt
 
     def submit_encoded(
         self, federation_id: str, round_number: int, data: bytes | memoryview
@@ -57,7 +58,10 @@ class InProcessTransport:
         """
         staged = self._aggregator.blobs.stage(len(data))
         staged.write(data)
-        return self._aggregator.submit_update(self.client_id, federation_id, round_number, staged)
+        submitted = self._aggregator.submit_update(
+            self.client_id, federation_id, round_number, staged
+        )
+        return submitted.receipt
 
     def fetch_secagg(self, federation_id: str, round_number: int, stage: str) -> bytes | None:
         """Return the server message that opens `stage` for this client, or None (not yet)."""

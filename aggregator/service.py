@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import IO
 
 from aggregator.access import Access, client_of
@@ -70,7 +71,7 @@ from fedcore import (
 from privacy.dp import AccountantKind, DpMode
 from privacy.secagg import Stage
 
-__all__ = ["Aggregator"]
+__all__ = ["Aggregator", "Submission"]
 
 # Check-ins refresh `last_seen` at most this often, to spare the database.
 _TOUCH_EVERY_S = 5.0
@@ -81,6 +82,18 @@ _CACHED_TASKS = 256
 ORPHAN_GRACE_S = 3600.0
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What became of a submitted update: its receipt, and whether it was stored before.
+
+    `repeated` is true for an identical re-upload, answered with the
+    original receipt (HTTP 200 rather than 201).
+    """
+
+    receipt: Receipt
+    repeated: bool
 
 
 class Aggregator:
@@ -321,11 +334,11 @@ class Aggregator:
 
     def submit_update(
         self, client_id: str, federation_id: str, round_number: int, staged: StagedBlob
-    ) -> Receipt:
+    ) -> Submission:
         """Validate, persist and fold a client's update, then acknowledge it.
 
-        The same content sent twice returns the original receipt; different
-        content for a round already answered is refused.
+        The same content sent twice returns the original receipt (marked
+        `repeated`); different content for a round already answered is refused.
 
         Raises:
             RoundStateError: the round is closed, failed, not yet open, or the
@@ -342,7 +355,7 @@ class Aggregator:
         round_number: int,
         staged: StagedBlob,
         decoded: tuple[ParameterSet, Mapping[str, str]],
-    ) -> Receipt:
+    ) -> Submission:
         """Like `submit_update`, for staged bytes whose content the caller also holds decoded.
 
         For the in-process transport, which encodes the update itself
@@ -374,11 +387,11 @@ class Aggregator:
         round_number: int,
         staged: StagedBlob,
         decoded: tuple[ParameterSet, Mapping[str, str]] | None,
-    ) -> Receipt:
+    ) -> Submission:
         try:
             existing, rnd = self._check_upload(client_id, federation_id, round_number)
             if existing is not None:
-                return _receipt(_same_or_conflict(existing, staged.digest))
+                return Submission(_receipt(_same_or_conflict(existing, staged.digest)), True)
             params, metadata = staged.load() if decoded is None else decoded
             meta = _update_meta(metadata)
             _check_tensors(params, self._engine.spec(rnd.model_version))
@@ -391,12 +404,12 @@ class Aggregator:
             dict(meta.metrics),
         )  # fmt: skip
         try:
-            stored = self._record_update(record, params)
+            stored, repeated = self._record_update(record, params)
         except Exception:
             if not existed:
                 self.blobs.delete(digest)
             raise
-        return _receipt(stored)
+        return Submission(_receipt(stored), repeated)
 
     def fetch_secagg(
         self, client_id: str, federation_id: str, round_number: int, stage: str
@@ -510,7 +523,15 @@ class Aggregator:
             _check_accepting(rnd, client_id)
         return existing, rnd
 
-    def _record_update(self, record: UpdateRecord, params: ParameterSet) -> UpdateRecord:
+    def _record_update(
+        self, record: UpdateRecord, params: ParameterSet
+    ) -> tuple[UpdateRecord, bool]:
+        """Store `record` and fold `params`.
+
+        Returns:
+            The stored record, and whether it was stored before (an identical
+            re-upload that raced this one past `_check_upload`).
+        """
         fid, number = record.federation_id, record.round
         now = self._clock()
         with self.store.transaction() as tx:
@@ -518,7 +539,7 @@ class Aggregator:
             rnd = tx.get_round(fid, number)
             existing = tx.get_update(fid, number, record.client_id)
             if existing is not None:
-                return _same_or_conflict(existing, record.sha256)
+                return _same_or_conflict(existing, record.sha256), True
             if rnd is None:
                 raise RoundStateError(f"round {number} is not open yet")
             _check_accepting(rnd, record.client_id)
@@ -531,7 +552,7 @@ class Aggregator:
             # The upload closed the round and opened the next one: wake
             # long-polling check-ins now rather than at their next recheck.
             self._notify()
-        return record
+        return record, False
 
     def _transition(
         self, federation_id: str, now: float

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from aggregator import StagedBlob
+from aggregator import StagedBlob, Submission
 from api.deps import AggregatorDep, MemberDep, RuntimeDep
 from api.download import model_response
 from api.problems import problem_type
@@ -100,29 +100,25 @@ async def upload_update(
     re-upload; a different one is refused with 409).
     """
     aggregator = runtime.aggregator
-    repeat, staged = await run_in_threadpool(_prepare, runtime, client.id, fid, n, request)
+    staged = await run_in_threadpool(_prepare, runtime, fid, request)
     submit = functools.partial(aggregator.submit_update, client.id, fid, n)
     try:
         tail = await _receive(request, staged)
-        receipt = await run_in_threadpool(_finish, staged, tail, submit)
+        submitted = await run_in_threadpool(_finish, staged, tail, submit)
     except FedcoreError as exc:
         runtime.metrics.updates_rejected.labels(problem_type(exc).slug).inc()
         raise
     finally:
         staged.discard()
-    counter = runtime.metrics.updates_repeated if repeat else runtime.metrics.updates_accepted
+    repeated = submitted.repeated
+    counter = runtime.metrics.updates_repeated if repeated else runtime.metrics.updates_accepted
     counter.inc()
-    return JSONResponse(receipt.model_dump(mode="json"), status_code=200 if repeat else 201)
+    body = submitted.receipt.model_dump(mode="json")
+    return JSONResponse(body, status_code=200 if repeated else 201)
 
 
-def _prepare(
-    runtime: Runtime, client_id: str, fid: str, n: int, request: Request
-) -> tuple[bool, StagedBlob]:
-    """Return whether the upload is a repeat, and the blob to stage it in (at most its limit).
-
-    An update stored before this request makes it a repeat (200). Two
-    identical uploads racing each other may both be told 201: harmless, the
-    service stores one and both receipts are equal.
+def _prepare(runtime: Runtime, fid: str, request: Request) -> StagedBlob:
+    """Return the blob to stage an upload in, holding at most the upload's limit.
 
     Raises:
         PayloadTooLarge: the declared length is over the limit.
@@ -130,13 +126,13 @@ def _prepare(
     aggregator = runtime.aggregator
     limit = min(aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
     _check_declared_length(request, limit)
-    with aggregator.store.read() as tx:
-        repeat = tx.get_update(fid, n, client_id) is not None
     # Creating the staged file touches the disk: here, off the event loop.
-    return repeat, aggregator.blobs.stage(limit)
+    return aggregator.blobs.stage(limit)
 
 
-def _finish(staged: StagedBlob, tail: bytes, submit: Callable[[StagedBlob], Receipt]) -> Receipt:
+def _finish(
+    staged: StagedBlob, tail: bytes, submit: Callable[[StagedBlob], Submission]
+) -> Submission:
     """Write the last bytes of an upload and submit it, in one hand-off to a thread."""
     if tail:
         staged.write(tail)

@@ -19,6 +19,7 @@ from aggregator import (
     MemoryStore,
     RoundStatus,
     SqlStore,
+    Submission,
 )
 from fedcore import (
     UPDATE_META_KEY,
@@ -26,7 +27,6 @@ from fedcore import (
     Forbidden,
     NonFiniteUpdate,
     ParameterSet,
-    Receipt,
     RoundStateError,
     TaskAction,
     TensorMismatch,
@@ -334,12 +334,28 @@ def test_bfloat16_state_dict_and_int_buffers_survive_a_round_through_the_wire(
 
 def upload_directly(
     agg: Aggregator, fid: str, client: str, delta: ParameterSet, meta: UpdateMeta
-) -> Receipt:
+) -> Submission:
     """Submit as the HTTP route does: staged safetensors bytes, parsed by the service."""
     data = wire.encode(delta, {UPDATE_META_KEY: meta.model_dump_json()})
     staged = agg.blobs.stage(len(data))
     staged.write(data)
     return agg.submit_update(client, fid, 1, staged)
+
+
+def test_an_identical_upload_is_marked_repeated_and_gets_the_original_receipt(
+    make_aggregator: Callable[[Clock], Aggregator],
+) -> None:
+    agg = make_aggregator(Clock())
+    fid, clients = running_round(agg, 2, clients_per_round=2)
+    meta = UpdateMeta(num_examples=6)
+
+    first = upload_directly(agg, fid, clients[0], delta_for(0, 1), meta)
+    again = upload_directly(agg, fid, clients[0], delta_for(0, 1), meta)
+
+    assert (first.repeated, again.repeated) == (False, True)
+    assert again.receipt == first.receipt
+    with pytest.raises(UpdateConflict):
+        upload_directly(agg, fid, clients[0], delta_for(1, 1), meta)
 
 
 def test_in_process_upload_stores_and_acknowledges_what_the_wire_upload_does(
@@ -351,7 +367,7 @@ def test_in_process_upload_stores_and_acknowledges_what_the_wire_upload_does(
     delta = delta_for(0, 1)
     data = wire.encode(delta, {UPDATE_META_KEY: meta.model_dump_json()})
     in_process = InProcessTransport(agg, clients[0]).submit_update(fid, 1, delta, meta)
-    direct = upload_directly(agg, fid, clients[1], delta, meta)
+    direct = upload_directly(agg, fid, clients[1], delta, meta).receipt
     # Already encoded (as a simulation's training worker sends it), from a view.
     encoded = InProcessTransport(agg, clients[2]).submit_encoded(fid, 1, memoryview(data))
     assert in_process.sha256 == direct.sha256 == encoded.sha256 == hashlib.sha256(data).hexdigest()
