@@ -183,7 +183,7 @@ class FileBlobStore:
         _fsync_dir(final.parent)
 
     def load(self, digest: str) -> tuple[ParameterSet, dict[str, str]]:
-        """Return the blob's parameter set, memory-mapped, and its metadata."""
+        """Return the blob's parameter set (read-only, memory-mapped when large) and metadata."""
         path = self.path(digest)
         if not path.exists():
             raise KeyError(digest)

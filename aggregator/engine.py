@@ -93,8 +93,8 @@ class _Running:
     """A round's in-memory aggregate.
 
     `folded` lists the clients whose updates are in `aggregate`; `pending`
-    holds accepted updates (memory-mapped where the blob store allows) that
-    wait to be folded together with the next ones.
+    holds accepted updates (large ones memory-mapped, where the blob store
+    allows) that wait to be folded together with the next ones.
     """
 
     aggregate: WeightedMean

@@ -68,6 +68,8 @@ _NUMPY = {code: as_dtype(name) for code, name in _DTYPES.items()}
 _CODES = {dtype: code for code, dtype in _NUMPY.items()}
 _BFLOAT16 = as_dtype("bfloat16")
 _FINITE_CHUNK = 1 << 20
+# Files up to this size are read whole rather than memory-mapped (see `read`).
+_READ_WHOLE_BYTES = 1 << 20
 # Tensor layouts kept (by names, dtypes and shapes): a server sees few models.
 _CACHED_LAYOUTS = 64
 # Tensor entries of headers up to this size are kept parsed (by their
@@ -146,12 +148,18 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[ParameterSet, dict[str
 
 
 def read(path: Path) -> tuple[ParameterSet, dict[str, str]]:
-    """Open a safetensors file as read-only memory-mapped arrays.
+    """Open a safetensors file as read-only arrays: memory-mapped, or read if small.
+
+    A file of at most `_READ_WHOLE_BYTES` is read into memory: mapping a
+    file costs more system calls than reading a small one whole. A larger
+    file is memory-mapped, so that reading it takes no memory up front.
 
     Raises:
         WireFormatError: the file is malformed or truncated.
     """
     size = path.stat().st_size
+    if size <= _READ_WHOLE_BYTES:
+        return decode(path.read_bytes())
     with path.open("rb") as fh:
         header_len = _header_length(fh.read(8), size)
         entries, metadata = _parse_header(fh.read(header_len), size - 8 - header_len)

@@ -216,14 +216,18 @@ def test_names_keep_the_model_order_not_the_sorted_order() -> None:
     assert list(got) == ["z.weight", "a.bias", "m", "B", "_x"]
 
 
-def test_read_memory_maps_the_file_read_only(tmp_path: Path) -> None:
-    params = {"w": np.arange(1000, dtype=np.float32), "n": np.array(7, np.int64)}
+@pytest.mark.parametrize(("elements", "mapped"), [(1000, False), (300_000, True)])
+def test_read_maps_a_large_file_and_reads_a_small_one_both_read_only(
+    tmp_path: Path, elements: int, mapped: bool
+) -> None:
+    params = {"w": np.arange(elements, dtype=np.float32), "n": np.array(7, np.int64)}
     wire.write(params, tmp_path / "u.safetensors")
     got, _ = wire.read(tmp_path / "u.safetensors")
-    assert isinstance(got["w"], np.memmap)
+    assert isinstance(got["w"], np.memmap) is mapped
     assert not got["w"].flags.writeable
     assert got["n"].shape == ()
     np.testing.assert_array_equal(got["w"], params["w"])
+    np.testing.assert_array_equal(got["n"], params["n"])
 
 
 def test_decode_returns_views_of_the_payload_without_copying() -> None:
