@@ -24,7 +24,7 @@ COPY clients ./clients
 COPY aggregator ./aggregator
 COPY api ./api
 # The CPU index keeps the image free of the multi-GB CUDA build of torch;
-# constraints.txt pins the torch version the project is tested with.
+# constraints.txt pins the versions the project is tested with, torch included.
 RUN pip install --no-cache-dir -c constraints.txt \
         --extra-index-url https://download.pytorch.org/whl/cpu \
         ".[server,torch]"
