@@ -391,7 +391,8 @@ class Aggregator:
         try:
             existing, rnd = self._check_upload(client_id, federation_id, round_number)
             if existing is not None:
-                return Submission(_receipt(_same_or_conflict(existing, staged.digest)), True)
+                stored = _same_or_conflict(existing, staged.digest)
+                return Submission(_receipt(stored), repeated=True)
             params, metadata = staged.load() if decoded is None else decoded
             meta = _update_meta(metadata)
             _check_tensors(params, self._engine.spec(rnd.model_version))
@@ -409,7 +410,7 @@ class Aggregator:
             if not existed:
                 self.blobs.delete(digest)
             raise
-        return Submission(_receipt(stored), repeated)
+        return Submission(_receipt(stored), repeated=repeated)
 
     def fetch_secagg(
         self, client_id: str, federation_id: str, round_number: int, stage: str
