@@ -436,7 +436,10 @@ def test_fold_shared_between_threads_equals_one_thread_and_the_reference(
     monkeypatch.setattr(fedavg, "_thread_count", lambda: 3)
     shared = WeightedMean(spec)
     shared.add_many(zip(deltas, ws, strict=True))
-    assert len(fold_threads() - before) == 2
+    # Two helpers were submitted; the executor starts a second thread only if
+    # the first is still busy, and on a loaded machine the first may drain
+    # every piece before the second is submitted.
+    assert 1 <= len(fold_threads() - before) <= 2
     want = reference_mean(deltas, ws)
     for name in want:
         np.testing.assert_allclose(shared.mean()[name], alone.mean()[name], rtol=1e-12, atol=0)
