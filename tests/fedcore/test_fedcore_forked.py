@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from multiprocessing.connection import Connection
 
@@ -49,6 +50,41 @@ def test_a_worker_that_died_is_reported_with_its_exit_code() -> None:
         workers.send(1, {"exit": True})
         with pytest.raises(RuntimeError, match=r"echo worker 1 died \(exit code 7\)"):
             workers.receive(1, "echo worker")
+
+
+# An object of the parent's, made before the workers fork.
+_INHERITED = [object() for _ in range(3)]
+
+
+def _collector_view(conn: Connection) -> None:
+    conn.recv_bytes()
+    visible = any(o is _INHERITED for o in gc.get_objects())
+    conn.send_bytes(pack({"frozen": gc.get_freeze_count(), "visible": visible}))
+
+
+def test_workers_collectors_skip_what_they_inherited_and_the_parent_is_left_as_it_was() -> None:
+    assert gc.get_freeze_count() == 0
+    with ForkedWorkers(2, _collector_view, lambda i: (), name="gc") as workers:
+        assert gc.get_freeze_count() == 0
+        assert any(o is _INHERITED for o in gc.get_objects())
+        for index in range(2):
+            workers.send(index, {})
+            header, _ = workers.receive(index, "gc worker")
+            # Frozen in the worker: its collections never walk (and so never
+            # copy the pages of) the parent's objects.
+            assert header["frozen"] > 0
+            assert header["visible"] is False
+
+
+def test_objects_the_caller_froze_stay_frozen() -> None:
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with ForkedWorkers(1, _collector_view, lambda i: (), name="gc"):
+            pass
+        assert gc.get_freeze_count() >= before
+    finally:
+        gc.unfreeze()
 
 
 def test_a_count_below_one_is_refused() -> None:
