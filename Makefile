@@ -35,8 +35,10 @@ docker-lint: $(STAMP)
 
 check: lint types layers docker-lint
 
+# The tests run in parallel processes (pytest-xdist), one per CPU, at most 4;
+# plain `pytest` runs them in one process.
 test: check
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses auto --maxprocesses 4
 
 demo: $(STAMP)
 	$(BIN)/fedcore demo $(DEMO_FLAGS)

@@ -13,11 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 PG_URL_VARIABLE = "FEDCORE_TEST_DATABASE_URL"
+
+# Property tests check results, not speed: no per-example deadline, whose
+# default (200 ms) would fail them on a loaded machine (`make test` runs the
+# tests in parallel processes). Benchmarks under bench/ measure speed.
+settings.register_profile("fedcore", deadline=None)
+settings.load_profile("fedcore")
 
 
 @pytest.fixture
