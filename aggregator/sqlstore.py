@@ -456,15 +456,16 @@ class SqlStore:
 
     def __init__(self, url: str) -> None:
         self._engine = _create_engine(url)
-        self._reads = self._engine.execution_options(**_read_options(self._engine))
+        options = _read_options(self._engine)
+        self._reads = self._engine.execution_options(**options) if options else self._engine
         # SQLite has one writer at a time. Threads of this process queue for
         # it here and get it the moment it is free; queued on SQLite's busy
         # handler instead they sleep in steps of up to 100 ms. (Other
         # processes still wait on the busy handler.) Reentrant, so that a
         # nested transaction fails on SQLite's lock as before, not here.
-        sqlite = self._engine.dialect.name == "sqlite"
+        self._sqlite = self._engine.dialect.name == "sqlite"
         self._writer: contextlib.AbstractContextManager[Any] = (
-            threading.RLock() if sqlite else contextlib.nullcontext()
+            threading.RLock() if self._sqlite else contextlib.nullcontext()
         )
 
     @classmethod
@@ -486,7 +487,7 @@ class SqlStore:
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
         """Open a transaction that commits on normal exit and rolls back on error."""
-        with self._writer, self._engine.begin() as connection:
+        with self._writer, self._begin(read_only=False) as connection:
             yield SqlTransaction(connection)
 
     @contextmanager
@@ -497,8 +498,25 @@ class SqlStore:
         wait for no writer) with `PRAGMA query_only` on; on PostgreSQL it
         is `READ ONLY`. A write raises the database's error.
         """
-        with self._reads.begin() as connection:
+        with self._begin(read_only=True) as connection:
             yield SqlTransaction(connection, read_only=True)
+
+    @contextmanager
+    def _begin(self, *, read_only: bool) -> Iterator[Connection]:
+        """Open a connection in a transaction that commits on normal exit, else rolls back.
+
+        SQLite's BEGIN is issued here rather than from a `begin` event
+        listener: any connection event listened to on the engine makes
+        SQLAlchemy dispatch every connection event (before and after each
+        statement, though none of those is listened to). That dispatch took
+        about a sixth of the server's CPU time per round in
+        `bench/round_latency.py`.
+        """
+        engine = self._reads if read_only else self._engine
+        with engine.connect() as connection, connection.begin():
+            if self._sqlite:
+                _begin_sqlite(connection, read_only=read_only)
+            yield connection
 
     def migrate(self) -> None:
         """Apply the Alembic migrations up to the newest revision.
@@ -508,7 +526,7 @@ class SqlStore:
         wait and then find the schema current.
         """
         config = Config(str(ALEMBIC_INI))
-        with self._engine.begin() as connection:
+        with self._begin(read_only=False) as connection:
             if connection.dialect.name == "postgresql":
                 lock = text("SELECT pg_advisory_xact_lock(:key)")
                 connection.execute(lock, {"key": MIGRATION_LOCK_KEY})
@@ -543,7 +561,6 @@ def _create_engine(url: str) -> Engine:
         return engine
     engine = create_engine(parsed, json_serializer=serializer)
     event.listen(engine, "connect", _configure_sqlite)
-    event.listen(engine, "begin", _begin_sqlite)
     return engine
 
 
@@ -554,6 +571,9 @@ def _read_options(engine: Engine) -> dict[str, Any]:
         # read than a `SET TRANSACTION` after the `BEGIN`. SQLAlchemy resets
         # it when the connection goes back to the pool.
         return {"postgresql_readonly": True}
+    if engine.dialect.name == "sqlite":
+        # `SqlStore._begin` begins SQLite's reads itself.
+        return {}
     return {_READ_ONLY: True}
 
 
@@ -587,13 +607,12 @@ def _enable_wal(cursor: Any) -> None:
             return
 
 
-def _begin_sqlite(connection: Connection) -> None:
+def _begin_sqlite(connection: Connection, *, read_only: bool) -> None:
     # A writer takes the write lock up front (see the module docstring); a
     # reader takes none, and `query_only` makes any write in it fail rather
     # than upgrade to a lock it never waited for. The pragma is a connection
     # setting: it is changed only when the kind of transaction changes.
     # (Set before BEGIN: with `query_only` on, even BEGIN IMMEDIATE fails.)
-    read_only = bool(connection.get_execution_options().get(_READ_ONLY))
     if connection.info.get(_READ_ONLY, False) != read_only:
         connection.exec_driver_sql(f"PRAGMA query_only = {int(read_only)}")
         connection.info[_READ_ONLY] = read_only
