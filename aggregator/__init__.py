@@ -9,7 +9,7 @@ simulation. May import fedcore and privacy; never api.
 
 from typing import TYPE_CHECKING, Any
 
-from aggregator.access import Access
+from aggregator.access import Access, check_client_token
 from aggregator.blobs import BlobStore, FileBlobStore, MemoryBlobStore, StagedBlob
 from aggregator.config import FederationSettings, SecAggSettings, parse_settings
 from aggregator.inprocess import InProcessTransport
@@ -66,6 +66,7 @@ __all__ = [
     "TokenKind",
     "Transaction",
     "UpdateRecord",
+    "check_client_token",
     "parse_settings",
 ]
 

@@ -16,7 +16,7 @@ from aggregator.store import Store, Transaction
 from aggregator.tokens import TokenKind, hash_token, new_token, token_kind
 from fedcore import AuthError, Enrollment, Forbidden, NotFound
 
-__all__ = ["IDENTITY_KEY_BYTES", "Access", "client_of"]
+__all__ = ["IDENTITY_KEY_BYTES", "Access", "check_client_token", "client_of"]
 
 # A raw Ed25519 public key (RFC 8032 section 5.1.5).
 IDENTITY_KEY_BYTES = 32
@@ -83,11 +83,8 @@ class Access:
             AuthError: the token is missing, malformed, unknown or revoked.
             Forbidden: the token is an admin or enrollment token.
         """
-        kind = _kind_of(token)
-        if kind is not TokenKind.CLIENT:
-            raise Forbidden("this route needs a client token from /v1/enroll")
         with self._store.read() as tx:
-            record = tx.find_client_by_token(hash_token(str(token)))
+            record = tx.find_client_by_token(hash_token(check_client_token(token)))
         if record is None or record.revoked:
             raise AuthError("unknown or revoked client token")
         return record
@@ -179,6 +176,18 @@ def client_of(tx: Transaction, client_id: str, federation_id: str) -> ClientReco
     if client.federation_id != federation_id:
         raise Forbidden("this client is enrolled in another federation")
     return client
+
+
+def check_client_token(token: str | None) -> str:
+    """Return `token` if it has the form of a client token; no I/O.
+
+    Raises:
+        AuthError: the token is missing or malformed.
+        Forbidden: the token is an admin or enrollment token.
+    """
+    if _kind_of(token) is not TokenKind.CLIENT:
+        raise Forbidden("this route needs a client token from /v1/enroll")
+    return str(token)
 
 
 def _kind_of(token: str | None) -> TokenKind | None:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from aggregator import StagedBlob, Submission
-from api.deps import AggregatorDep, MemberDep, RuntimeDep
+from api.deps import AggregatorDep, Member, MemberDep, RuntimeDep
 from api.download import model_response
 from api.problems import problem_type
 from api.runtime import Runtime
@@ -44,7 +44,7 @@ def enroll(body: EnrollIn, aggregator: AggregatorDep) -> Enrollment:
 async def check_in(
     fid: str,
     request: Request,
-    client: MemberDep,
+    member: MemberDep,
     runtime: RuntimeDep,
     wait: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 0.0,
 ) -> Task:
@@ -55,9 +55,13 @@ async def check_in(
     aggregator = runtime.aggregator
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, runtime.settings.long_poll_max_s)
+
+    def ask() -> Task:
+        return aggregator.next_task(member.client().id, fid)
+
     while True:
         seen = aggregator.generation
-        task = await run_in_threadpool(aggregator.next_task, client.id, fid)
+        task = await run_in_threadpool(ask)
         remaining = deadline - loop.time()
         if task.action is not TaskAction.WAIT or remaining <= 0:
             return task
@@ -74,11 +78,12 @@ async def check_in(
 def download_model(
     fid: str,
     version: str,
-    _client: MemberDep,
+    member: MemberDep,
     aggregator: AggregatorDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Download a model version as safetensors (ETag: the version)."""
+    member.client()
     return model_response(aggregator, fid, version, if_none_match)
 
 
@@ -90,7 +95,7 @@ def download_model(
     openapi_extra={"requestBody": {"content": {wire.MEDIA_TYPE: {}}, "required": True}},
 )
 async def upload_update(
-    fid: str, n: int, request: Request, client: MemberDep, runtime: RuntimeDep
+    fid: str, n: int, request: Request, member: MemberDep, runtime: RuntimeDep
 ) -> Response:
     """Upload the client's update (a safetensors delta) for round `n`.
 
@@ -100,8 +105,8 @@ async def upload_update(
     re-upload; a different one is refused with 409).
     """
     aggregator = runtime.aggregator
-    staged = await run_in_threadpool(_prepare, runtime, fid, request)
-    submit = functools.partial(aggregator.submit_update, client.id, fid, n)
+    staged = await run_in_threadpool(_prepare, runtime, fid, request, member)
+    submit = functools.partial(aggregator.submit_update, member.client().id, fid, n)
     try:
         tail = await _receive(request, staged)
         submitted = await run_in_threadpool(_finish, staged, tail, submit)
@@ -117,12 +122,14 @@ async def upload_update(
     return JSONResponse(body, status_code=200 if repeated else 201)
 
 
-def _prepare(runtime: Runtime, fid: str, request: Request) -> StagedBlob:
-    """Return the blob to stage an upload in, holding at most the upload's limit.
+def _prepare(runtime: Runtime, fid: str, request: Request, member: Member) -> StagedBlob:
+    """Authenticate the client; return the blob to stage its upload in, of at most the limit.
 
     Raises:
+        AuthError, Forbidden: as `Member.client`.
         PayloadTooLarge: the declared length is over the limit.
     """
+    member.client()
     aggregator = runtime.aggregator
     limit = min(aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
     _check_declared_length(request, limit)
@@ -187,13 +194,13 @@ StagePathDep = Annotated[_StagePath, Depends(_stage_path)]
         204: {"description": "The stage is not open yet; ask again"},
     },
 )
-def fetch_secagg(where: StagePathDep, client: MemberDep, aggregator: AggregatorDep) -> Response:
+def fetch_secagg(where: StagePathDep, member: MemberDep, aggregator: AggregatorDep) -> Response:
     """Fetch the server message that opens a stage of a secure round for this client.
 
     For `advertise-keys`: JSON `SecAggSetup` (the round's setup and the
     cohort's identity keys); for later stages, the encoded SecAgg+ message.
     """
-    data = aggregator.fetch_secagg(client.id, where.fid, where.n, where.stage.value)
+    data = aggregator.fetch_secagg(member.client().id, where.fid, where.n, where.stage.value)
     if data is None:
         return Response(status_code=204)
     return Response(data, media_type=_OCTETS)
@@ -206,13 +213,15 @@ def fetch_secagg(where: StagePathDep, client: MemberDep, aggregator: AggregatorD
     openapi_extra={"requestBody": {"content": {_OCTETS: {}}, "required": True}},
 )
 async def send_secagg(
-    where: StagePathDep, request: Request, client: MemberDep, runtime: RuntimeDep
+    where: StagePathDep, request: Request, member: MemberDep, runtime: RuntimeDep
 ) -> Response:
     """Send this client's message for a stage of a secure round; durable when answered.
 
     The same message sent again is taken once (204 again); a message the
     protocol refuses excludes the client from the round (409).
     """
+    # Authenticated before the body is read.
+    client = await run_in_threadpool(member.client)
     body = await request.body()
     send = runtime.aggregator.send_secagg
     await run_in_threadpool(send, client.id, where.fid, where.n, where.stage.value, body)

@@ -107,6 +107,8 @@ def test_revoked_client_gets_401_everywhere(world: World, live: LiveServer) -> N
         alice.http.get(f"/v1/federations/{fid}/task"),
         alice.upload(1, delta(0.1)),
         alice.http.get(f"/v1/federations/{fid}/models/{'0' * 64}"),
+        alice.http.get(f"/v1/federations/{fid}/rounds/1/secagg/advertise-keys"),
+        alice.http.post(f"/v1/federations/{fid}/rounds/1/secagg/share-keys", content=b"x" * 64),
     ]
 
     for response in responses:
