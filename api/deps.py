@@ -8,7 +8,7 @@ the route hands its own work to, and always before it reads a request body.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -88,10 +88,11 @@ class Member:
     that runs their own work instead.
     """
 
-    access: Access
-    token: str
+    access: Access = field(repr=False)
+    # Never shown: a repr may end up in a log.
+    token: str = field(repr=False)
     federation_id: str
-    _client: ClientRecord | None = None
+    _client: ClientRecord | None = field(default=None, repr=False)
 
     def client(self) -> ClientRecord:
         """Return the authenticated client; it reads the database on first call (off the loop).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import time
 from pathlib import Path
 
 import httpx
@@ -12,8 +13,10 @@ import pytest
 from liveapi import LiveServer, World, assert_problem, config, encode_update, serve
 from prometheus_client.parser import text_string_to_metric_families
 
+from aggregator import Access, MemoryStore
 from aggregator.tokens import TokenKind, new_token
 from api import Settings
+from api.deps import Member
 
 
 def scrape(http: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -119,6 +122,15 @@ def test_revoked_admin_token_gets_401_and_others_keep_working(
 
     assert_problem(world.http(second).get("/admin/federations"), 401, "unauthorized")
     assert world.admin.get("/admin/federations").status_code == 200
+
+
+def test_a_client_credential_does_not_show_its_token() -> None:
+    # What a route holds for a client (`api.deps.Member`) may reach a log
+    # through its repr: the bearer token must not.
+    token = new_token(TokenKind.CLIENT)
+    member = Member(Access(MemoryStore(), time.time), token, "f_x")
+    assert token not in repr(member)
+    assert token not in str(member)
 
 
 def test_tokens_of_other_roles_are_forbidden_on_admin_routes(world: World) -> None:
