@@ -83,7 +83,7 @@ def download_model(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Download a model version as safetensors (ETag: the version)."""
-    member.client()
+    member.client()  # 401 or 403 before anything of the model is read
     return model_response(aggregator, fid, version, if_none_match)
 
 
@@ -129,7 +129,7 @@ def _prepare(runtime: Runtime, fid: str, request: Request, member: Member) -> St
         AuthError, Forbidden: as `Member.client`.
         PayloadTooLarge: the declared length is over the limit.
     """
-    member.client()
+    member.client()  # 401 or 403 before a byte of the body is read
     aggregator = runtime.aggregator
     limit = min(aggregator.config(fid).max_update_bytes, runtime.settings.max_body_bytes)
     _check_declared_length(request, limit)
